@@ -1,0 +1,213 @@
+"""Hugging Face checkpoint I/O: safetensors (one file or sharded with an index), both key layouts.
+
+Keys on disk are the released layout (``visual.*``, ``model.*``, ``lm_head.*``), which are also our
+module paths. transformers >= 4.52 holds the same weights under ``model.visual.*`` and
+``model.language_model.*``; a checkpoint saved with those prefixes is mapped back on load.
+
+Loading builds the model on the meta device and fills each parameter straight from the file,
+so it costs about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import Qwen2VLConfig, dtype_name, parse_dtype
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.md"]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A local directory as is; otherwise a hub id ("Qwen/Qwen2-VL-2B-Instruct") downloaded to the HF cache."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise NotADirectoryError(f"checkpoint path {local} is a file; pass its directory")
+        return local
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+        except Exception as e:  # network, auth or missing repo: say which
+            raise FileNotFoundError(f"{text!r} is not a local directory and could not be fetched from the "
+                                    f"Hugging Face hub: {type(e).__name__}: {e}") from None
+    raise FileNotFoundError(f"checkpoint directory not found: {local}")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when sharded."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shard(s) that are missing: {', '.join(absent)}")
+        return files
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    present = sorted(p.name for p in directory.iterdir())[:20]
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory} (found: {', '.join(present) or 'nothing'}); "
+                            "only safetensors checkpoints are supported")
+
+
+def normalize_key(key: str) -> str:
+    """Map transformers >= 4.52 in-memory names to the released layout."""
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    return key
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def _summary(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_pretrained(cls, path, dtype=None, device=None, progress=None):
+    directory = resolve_checkpoint(path)
+    config = Qwen2VLConfig.from_pretrained(directory)
+    dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype) or torch.float32
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = cls(config)
+    expected = dict(model.named_parameters())  # tied lm_head is deduplicated away
+    files = weight_files(directory)
+    total = sum(f.stat().st_size for f in files)
+    if progress is None:
+        progress = total > 1 << 30
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {directory.name}", leave=False)
+    loaded, unexpected, mismatched = set(), [], []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = normalize_key(key)
+                if name not in expected:
+                    if not (name == "lm_head.weight" and config.text.tie_word_embeddings):
+                        unexpected.append(f"{key} ({file.name})")
+                    continue
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}"
+                                      f" ({file.name})")
+                    continue
+                target = dtype if tensor.is_floating_point() else tensor.dtype
+                _set_parameter(model, name, tensor.to(device=device, dtype=target))
+                loaded.add(name)
+                if bar is not None:
+                    bar.update(tensor.numel() * tensor.element_size())
+    if bar is not None:
+        bar.close()
+    missing = sorted(set(expected) - loaded)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summary(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summary(unexpected)}")
+    if mismatched:
+        problems.append(f"mis-shaped keys: {_summary(mismatched)}")
+    if problems:
+        raise ValueError(f"checkpoint {directory} does not fit the model described by its config.json: "
+                         + "; ".join(problems))
+    model.tie_weights()
+    return model.eval()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for suffix, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(text)
+
+
+def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.torch_dtype = dtype_name(model.dtype)
+    model.config.save(directory)
+    state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    for old in list(directory.glob("model*.safetensors")) + list(directory.glob(INDEX_FILE)):
+        old.unlink()
+    if len(shards) == 1:
+        _atomic_save(shards[0], directory / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, directory / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    tmp = directory / (INDEX_FILE + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(tmp, directory / INDEX_FILE)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, target)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """normal(0, std) for linear, conv and embedding weights; zero biases; unit norm weights."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
+            module.weight.normal_(0.0, std, generator=generator)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif type(module).__name__ == "RMSNorm":
+            module.weight.fill_(1.0)
+
+
+def random_init(cls, config: Qwen2VLConfig, dtype=None, device=None, seed=None):
+    dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype) or torch.float32
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = cls(config)
+    model.to_empty(device=device)
+    model.tie_weights()
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    model.to(dtype)
+    init_weights(model, config.text.initializer_range, generator)
+    return model.eval()
