@@ -67,16 +67,19 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups:
     n, heads, dim = q.shape
     out = torch.empty_like(q) if len(groups.buckets) > 1 else None
     for rows, count, length in groups.buckets:
-        def batch(x):  # (rows, heads, D) -> (groups, heads, L, D)
-            x = x if rows is None else x[rows]
-            return x.view(count, length, heads, dim).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v))  # (G, heads, L, D)
+        qb, kb, vb = (_stack_groups(x, rows, count, length) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qb, kb, vb)  # (G, heads, L, D)
         o = o.transpose(1, 2).reshape(count * length, heads, dim)
         if rows is None:
             return o
         out[rows] = o
     return out
+
+
+def _stack_groups(x: torch.Tensor, rows: torch.Tensor | None, count: int, length: int) -> torch.Tensor:
+    """(N, heads, D) -> (groups, heads, L, D) for the groups of one length."""
+    x = x if rows is None else x[rows]
+    return x.view(count, length, x.shape[1], x.shape[2]).transpose(1, 2)
 
 
 class PatchEmbed(nn.Module):
