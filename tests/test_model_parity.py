@@ -83,10 +83,11 @@ def test_text_only(pair):
 def test_bf16_parity(tmp_path):
     """bf16 against transformers in bf16, relative to the logit scale.
 
-    Tolerance 3e-2: both sides round every activation to bf16 (8 mantissa bits, ulp 2^-8 ~ 0.4 %),
-    and where the two differ in summation order (our patch embedding is one matmul, transformers
-    runs Conv3d; SDPA kernels block differently) single roundings of 0.4 % flip, which after a few
-    layers spread to about 1 % of the logit scale. Half of the bf16 logits must agree to one ulp.
+    Tolerance 1.5e-2 of the logit scale: both sides round every activation to bf16 (8 mantissa
+    bits, one ulp is 0.4-0.8 % relative), and where the two differ in summation order (our patch
+    embedding is one matmul where transformers runs Conv3d; attention kernels block differently)
+    single roundings flip by one ulp and propagate. Observed on three seeds: 0.3-0.6 % of the
+    scale, with 56-72 % of the logits bit-identical. Half of the logits must agree within one ulp.
     """
     hf = hf_model(tiny_config(), seed=5, dtype=torch.bfloat16)
     hf.save_pretrained(tmp_path)
@@ -103,6 +104,6 @@ def test_bf16_parity(tmp_path):
                  pixel_values_videos=pvv, video_grid_thw=vgrid).float()
     real = mask.bool()
     e, g = e[real], g[real]
-    assert (g - e).abs().max() <= 3e-2 * e.abs().max()
+    assert (g - e).abs().max() <= 1.5e-2 * e.abs().max()
     ulp = e.abs().clamp(min=1e-3) * 2**-7
     assert ((g - e).abs() <= ulp).float().mean() > 0.5

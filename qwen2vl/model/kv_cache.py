@@ -39,6 +39,18 @@ class KVCache:
         self.v[layer].scatter_(2, index, v)
         return self.k[layer][:, :, : self.view_len], self.v[layer][:, :, : self.view_len]
 
+    def mark(self, slots: torch.Tensor, real: torch.Tensor) -> None:
+        """Record which of the written slots ``(B, T)`` hold real tokens (``real`` bool ``(B, T)``)."""
+        self.valid.scatter_(1, slots, real)
+
+    def attention_mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """Mask ``(B, 1, T, view_len)`` for queries at ``slots`` ``(B, T)``: each sees the valid slots up
+        to its own, and always itself (so a padding query never has an empty row)."""
+        keys = torch.arange(self.view_len, device=slots.device)
+        own = keys == slots.unsqueeze(-1)  # (B, T, S)
+        visible = self.valid[:, None, : self.view_len] & (keys <= slots.unsqueeze(-1))
+        return (visible | own).unsqueeze(1)
+
     def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
         self.valid[rows] = False
         self.lengths[rows] = 0
