@@ -1,0 +1,80 @@
+"""The training forward: packed batch -> summed cross-entropy over the supervised tokens.
+
+Logits are computed only at supervised positions, in chunks that are recomputed in the backward
+pass, so a 150k-word vocabulary never costs a float32 ``(T, vocab)`` tensor for a whole row.
+
+The wrapper is the FSDP root: everything it calls (vision tower, embedding, decoder, lm_head)
+runs inside its ``forward``, so sharded parameters are gathered when they are used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..model.text import attention_mask_from_segments
+from .packing import IGNORE, PackedBatch
+
+
+class LossModel(nn.Module):
+    """``forward(batch) -> loss_sum`` (float32 scalar): the sum, not the mean, of token losses.
+
+    With ``vision_every_step`` the vision tower runs on every call, on a blank 1-item input when
+    the batch has no media, and joins the graph with weight zero: under FSDP every process must
+    run the same collectives (each vision block's all-gather and reduce-scatter) in every step.
+    """
+
+    def __init__(self, net: nn.Module, vision_every_step: bool = False, chunk_tokens: int = 2048):
+        super().__init__()
+        self.net = net
+        self.vision_every_step = vision_every_step
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        net = self.net
+        image_embeds, video_embeds, zero = self._vision(batch)
+        x = net.embed(batch.input_ids, image_embeds, video_embeds)
+        mask = attention_mask_from_segments(batch.segment_ids)
+        hidden = net.decode(x, batch.position_ids, mask)  # (B, T, H)
+        loss = supervised_loss_sum(hidden, batch.targets, net.lm_head, self.chunk_tokens)
+        return loss if zero is None else loss + zero
+
+    def _vision(self, batch: PackedBatch):
+        """Image and video features from one vision call (images first, then videos)."""
+        net = self.net
+        pixels = [p for p in (batch.pixel_values, batch.pixel_values_videos) if p is not None]
+        grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None]
+        if not pixels:
+            if not self.vision_every_step:
+                return None, None, None
+            m = net.config.vision.spatial_merge_size
+            blank = torch.zeros(m * m, net.config.vision.patch_dim, device=batch.input_ids.device)
+            grid = torch.tensor([[1, m, m]], device=batch.input_ids.device)
+            return None, None, net.encode_vision(blank, grid).sum() * 0.0
+        feats = net.encode_vision(torch.cat(pixels), torch.cat(grids))  # (N/4, H)
+        merge = net.config.vision.spatial_merge_size
+        n_image = 0 if batch.image_grid_thw is None else int(batch.image_grid_thw.prod(-1).sum()) // merge**2
+        image = feats[:n_image] if batch.pixel_values is not None else None
+        video = feats[n_image:] if batch.pixel_values_videos is not None else None
+        return image, video, None
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def supervised_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
+    """Sum of cross-entropy at positions whose target is not IGNORE; hidden (B, T, H), targets (B, T)."""
+    keep = targets != IGNORE
+    h, y = hidden[keep], targets[keep]  # (N, H), (N,)
+    if y.numel() == 0:  # keep the graph (and FSDP's backward collectives) alive
+        return hidden.sum().float() * 0.0
+    recompute = torch.is_grad_enabled() and y.numel() > chunk
+    total = None
+    for start in range(0, y.numel(), chunk):
+        args = (head, h[start:start + chunk], y[start:start + chunk])
+        part = checkpoint(_chunk_loss, *args, use_reentrant=False) if recompute else _chunk_loss(*args)
+        total = part if total is None else total + part
+    return total
