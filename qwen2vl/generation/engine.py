@@ -102,8 +102,6 @@ class Engine:
         self.processor = processor
         self.config = model.config
         self.tokenizer = getattr(processor, "tokenizer", None)
-        if generation_config is None and processor is not None:
-            generation_config = read_generation_config(getattr(processor, "path", None))
         self.generation_config = generation_config or {}
         self.vision_cache = VisionCache(vision_cache_items)
         self.max_context = max_context or self.config.text.max_position_embeddings
@@ -195,8 +193,14 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
-    def run(self, batch, params: list[SamplingParams]):
-        """Yield ``(row, text_delta)`` as tokens arrive, then the list of results."""
+    def run(self, batch, params: list[SamplingParams], session=None):
+        """Yield ``(row, text_delta)`` as tokens arrive, then the list of results.
+
+        ``session`` (one row only) is an object with ``cache`` and ``tokens`` attributes: the KV
+        cache of its previous turn and the tokens in it. The longest common prefix of those tokens
+        and the new prompt is copied instead of recomputed, and both attributes are updated at the
+        end for the next turn.
+        """
         ids = batch["input_ids"].to(self.device)
         rows, length = ids.shape
         if len(params) != rows:
@@ -209,7 +213,13 @@ class Engine:
                              f"exceeds the context of {self.max_context} tokens")
         start = time.perf_counter()
         cache = KVCache(self.config.text, rows, capacity, self.model.dtype, self.device)
-        logits, deltas = self.prefill(ids, mask, batch, cache)
+        reused = 0
+        if session is not None and session.cache is not None:
+            if rows != 1:
+                raise ValueError("a chat session holds one conversation")
+            reused = common_prefix(session.tokens, ids[0].tolist(), limit=length - 1)
+            cache.copy_row(0, session.cache, 0, reused)
+        logits, deltas = self.prefill(ids, mask, batch, cache, start=reused)
         seqs = [Sequence(p, RowSampler(p, logits.shape[-1], ids[r][mask[r].bool()], self.device),
                          self.tokenizer.incremental_decoder() if self.tokenizer else None, self.control_ids,
                          int(mask[r].sum()), int(deltas[r])) for r, p in enumerate(params)]
@@ -230,7 +240,10 @@ class Engine:
             steps += 1
         decode_s = time.perf_counter() - start - prefill_s
         timings = {"prefill_s": prefill_s, "decode_s": decode_s, "time_to_first_token_s": prefill_s,
-                   "decode_tokens_per_s": steps * rows / decode_s if decode_s > 0 else 0.0}
+                   "decode_tokens_per_s": steps * rows / decode_s if decode_s > 0 else 0.0,
+                   "reused_prefix_tokens": reused}
+        if session is not None:
+            session.cache, session.tokens = cache, ids[0].tolist() + seqs[0].tokens[:steps]
         yield [s.result(dict(timings)) for s in seqs]
 
     def encode_media(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -273,9 +286,17 @@ class Engine:
         return self.model.lm_head(hidden[:, -1])
 
 
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of two token lists, at most ``limit``."""
+    n = 0
+    for x, y in zip(a[:limit], b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def read_generation_config(directory) -> dict:
-    if directory is None:
-        return {}
     path = Path(directory) / "generation_config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 

@@ -1,0 +1,133 @@
+"""``qwen2vl generate``: answer one prompt about images and videos, printing the answer as it streams.
+
+    qwen2vl generate --image examples/receipt.png --prompt "What is the total?"
+    qwen2vl generate --model DIR --video clip.mp4 --prompt "Which way does the circle move?" --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..cli import UserError
+
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "qwen2vl-nano"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line (a UserError), not usage + exit."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory or hub id (default: the embedded qwen2vl-nano)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: config.json's; float32 on CPU)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    parser.add_argument("--min-pixels", type=int, help="per-image lower pixel budget before resizing")
+    parser.add_argument("--max-pixels", type=int, help="per-image upper pixel budget before resizing")
+
+
+def sampling_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "min_p",
+                                          "repetition_penalty", "seed", "stop")}
+
+
+def media_part(kind: str, path: str, args) -> dict:
+    if not Path(path).exists():
+        raise UserError(f"{kind} file not found: {path}")
+    part = {"type": kind, kind: str(Path(path).resolve())}
+    for key in ("min_pixels", "max_pixels"):
+        if getattr(args, key) is not None:
+            part[key] = getattr(args, key)
+    return part
+
+
+def load_engine(args):
+    """Model + processor from --model (or the embedded checkpoint), with a loading indicator."""
+    import torch
+
+    from ..generation.engine import Engine
+
+    path = args.model
+    if path is None:
+        if not (EMBEDDED_MODEL / "config.json").is_file():
+            raise UserError("no --model given and the embedded qwen2vl-nano checkpoint is not installed; "
+                            "pass --model DIR")
+        path = EMBEDDED_MODEL
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or (None if device != "cpu" else "float32")
+    try:
+        return Engine.from_pretrained(path, dtype=dtype, device=device)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def generate_main(argv: list[str]) -> int:
+    parser = Parser(prog="qwen2vl generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(parser)
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    parser.add_argument("--video", action="append", default=[], help="a video file (repeatable)")
+    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    parser.add_argument("--system", help="a system prompt (default: the model's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.add_argument("--draw", help="draw the boxes of the answer on the first image and save it here")
+    add_sampling_options(parser)
+    args = parser.parse_args(argv)
+
+    content = [media_part("image", p, args) for p in args.image] + [media_part("video", p, args) for p in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    conversation = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": content}]
+    engine = load_engine(args)
+    try:
+        params = engine.sampling_params(**sampling_kwargs(args))
+        batch = engine.prepare([conversation], params.max_new_tokens)
+        result = None
+        for event in engine.run(batch, [params]):
+            if isinstance(event, list):
+                result = event[0]
+            elif not args.json:
+                sys.stdout.write(event[1])
+                sys.stdout.flush()
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                          "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                          "timings": result.timings}))
+    else:
+        sys.stdout.write("\n")
+    if args.draw:
+        draw_answer(result.text, args.image, args.draw)
+    return 0
+
+
+def draw_answer(text: str, images: list[str], out: str) -> None:
+    from PIL import Image
+
+    from ..agent.grounding import draw_regions, parse_regions
+    if not images:
+        raise UserError("--draw needs an --image to draw on")
+    regions = parse_regions(text)
+    with Image.open(images[0]) as img:
+        drawn = draw_regions(img.convert("RGB"), regions)
+    drawn.save(out)
+    print(f"{len(regions)} box(es) drawn on {images[0]} -> {out}", file=sys.stderr)
+
+
+main = generate_main
