@@ -37,13 +37,16 @@ DEFAULT_PREPROCESSOR = {
 
 
 def full_state_dict(loss_model: nn.Module, d: Dist) -> dict[str, torch.Tensor] | None:
-    """Collective: the unsharded weights on process 0 (CPU, ``net.`` prefix removed); None elsewhere."""
+    """Collective: a copy of the unsharded weights on process 0 (CPU, ``net.`` prefix removed); None elsewhere.
+
+    Never the live tensors (FSDP gathers fresh ones; one process copies): merging LoRA works in place.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(loss_model, options=options)
     if not d.main:
         return None
-    return {k.removeprefix("net."): v.detach().to("cpu") for k, v in state.items()}
+    return {k.removeprefix("net."): v.detach().to("cpu", copy=not d.sharded) for k, v in state.items()}
 
 
 def plain_model(state: dict[str, torch.Tensor], config: Qwen2VLConfig, lora_config=None) -> Qwen2VL:

@@ -154,7 +154,7 @@ def _build(cls, raw: dict[str, Any], prefix: str):
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise OptionError(f"unknown option {prefix}{key!r}{hint}")
+            raise OptionError(f"unknown option {prefix + key!r}{hint}")
         kwargs[key] = _convert(hints[key], value, prefix + key)
     return cls(**kwargs)
 
