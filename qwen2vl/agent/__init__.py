@@ -1,0 +1,1 @@
+"""Agents: grounding (boxes and quads in model output, coordinate spaces, drawing)."""

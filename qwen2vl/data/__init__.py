@@ -1,0 +1,1 @@
+"""Data: the synthetic generator, tokenizer training, metrics and the `qwen2vl eval` verb."""

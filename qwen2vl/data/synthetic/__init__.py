@@ -1,0 +1,12 @@
+"""Synthetic training and evaluation data for qwen2vl-nano, deterministic by (split, seed, index).
+
+Task families: ``reading`` (documents, receipts, signs; some with text too small for 224x224),
+``counting`` and ``grounding`` (scenes of coloured shapes), ``chart`` (bar charts) and ``video``
+(short clips of moving or appearing shapes). :func:`write_dataset` writes ``data.jsonl`` + media.
+"""
+
+from .common import SIZE_POLICIES, SPLITS, Sample, SizePolicy, sample_rng
+from .writer import DEFAULT_MIX, TASKS, force_media_size, generate_sample, read_dataset, write_dataset
+
+__all__ = ["DEFAULT_MIX", "SIZE_POLICIES", "SPLITS", "TASKS", "Sample", "SizePolicy", "force_media_size",
+           "generate_sample", "read_dataset", "sample_rng", "write_dataset"]

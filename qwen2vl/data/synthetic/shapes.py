@@ -1,0 +1,179 @@
+"""Counting and grounding: scenes of coloured shapes to count and to locate.
+
+Shapes are drawn without anti-aliasing through a cached mask per (shape, side), so every drawn
+pixel has exactly the shape's colour and each object's box is the mask's exact pixel bounding
+box (edge coordinates: x2, y2 exclusive). Objects never overlap and keep a gap of at least 2 px.
+Grounding answers use :func:`qwen2vl.agent.grounding.normalize_coords` (``floor(x * 1000 / W)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+
+from PIL import Image, ImageDraw
+
+from ...agent.grounding import format_box, normalize_coords
+from .common import BACKGROUNDS, COLOURS, Sample, SizePolicy, phrase, pick_size, plural
+
+SHAPES = ["circle", "square", "triangle", "star", "diamond", "hexagon"]
+MIN_SIDE = 12  # smallest shape drawn (px)
+GAP = 2
+
+COUNT_Q = ["How many {things} are there?", "How many {things} are in the image?", "Count the {things}.",
+           "How many {things} can you see?", "What is the number of {things}?", "Count the {things} in the picture.",
+           "How many {things} does the image contain?", "Tell me how many {things} there are.",
+           "How many {things} are shown?", "Give the number of {things} in the image.", "Number of {things}?",
+           "How many {things}?"]
+GROUND_Q = ["Where is the {label}?", "Locate the {label}.", "Find the {label} in the image.",
+            "Give the bounding box of the {label}.", "Detect the {label}.", "Output the box of the {label}.",
+            "Where is the {label} in this picture?", "Draw a box around the {label}.",
+            "Point out the {label} with a bounding box.", "What are the coordinates of the {label}?",
+            "Show me where the {label} is.", "Find the {label} and give its box."]
+
+
+def _polygon(shape: str, s: int) -> list[tuple[float, float]] | None:
+    """Vertices of ``shape`` inscribed in an s x s square of pixel centres 0..s-1 (None: ellipse/rect)."""
+    c, r = (s - 1) / 2, (s - 1) / 2
+    if shape == "triangle":
+        return [(c, 0), (s - 1, s - 1), (0, s - 1)]
+    if shape == "diamond":
+        return [(c, 0), (s - 1, c), (c, s - 1), (0, c)]
+    if shape == "hexagon":
+        return [(c + r * math.cos(math.radians(a)), c + r * math.sin(math.radians(a))) for a in range(0, 360, 60)]
+    if shape == "star":
+        return [(c + (r if k % 2 == 0 else 0.45 * r) * math.sin(math.radians(36 * k)),
+                 c - (r if k % 2 == 0 else 0.45 * r) * math.cos(math.radians(36 * k))) for k in range(10)]
+    return None
+
+
+@functools.lru_cache(maxsize=2048)
+def shape_mask(shape: str, side: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """A binary ``L`` mask of the shape in a side x side square, and its exact pixel bbox (x2, y2 exclusive)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    points = _polygon(shape, side)
+    if shape == "circle":
+        draw.ellipse([0, 0, side - 1, side - 1], fill=255)
+    elif shape == "square":
+        draw.rectangle([0, 0, side - 1, side - 1], fill=255)
+    else:
+        draw.polygon(points, fill=255)
+    return mask, mask.getbbox()
+
+
+def place(rng: random.Random, size: tuple[int, int], specs: list[tuple[str, str]], max_side: int,
+          occupied: tuple[list[int], ...] = ()) -> list[dict]:
+    """Place (colour, shape) objects without overlap (also clear of ``occupied`` boxes).
+
+    Each object gets a ``side``, its top-left ``xy`` and its exact pixel ``box``. Sides are drawn
+    from [MIN_SIDE, max_side]; an object that does not fit after many tries is retried smaller, and
+    a scene that cannot hold MIN_SIDE objects raises ValueError.
+    """
+    w, h = size
+    placed: list[dict] = []
+    for colour, shape in specs:
+        side = rng.randint(MIN_SIDE, max(MIN_SIDE, max_side))
+        while True:
+            spot = _find_spot(rng, size, side, [*occupied, *(o["box"] for o in placed)])
+            if spot is not None:
+                break
+            if side == MIN_SIDE:
+                raise ValueError(f"cannot place {len(specs)} shapes in a {w}x{h} image")
+            side = max(MIN_SIDE, int(side * 0.8))
+        x, y = spot
+        _, (bx1, by1, bx2, by2) = shape_mask(shape, side)
+        placed.append({"colour": colour, "shape": shape, "side": side, "xy": [x, y],
+                       "box": [x + bx1, y + by1, x + bx2, y + by2]})
+    return placed
+
+
+def _find_spot(rng: random.Random, size: tuple[int, int], side: int, boxes: list[list[int]]) -> tuple[int, int] | None:
+    w, h = size
+    if side > w or side > h:
+        return None
+    for _ in range(60):
+        x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+        if all(x + side + GAP <= b[0] or b[2] + GAP <= x or y + side + GAP <= b[1] or b[3] + GAP <= y for b in boxes):
+            return x, y
+    return None
+
+
+def render(size: tuple[int, int], objects: list[dict], background: tuple[int, int, int]) -> Image.Image:
+    image = Image.new("RGB", size, background)
+    for o in objects:
+        mask, _ = shape_mask(o["shape"], o["side"])
+        x, y = o["xy"]
+        image.paste(COLOURS[o["colour"]], (x, y, x + o["side"], y + o["side"]), mask)
+    return image
+
+
+def _max_side(size: tuple[int, int], n: int) -> int:
+    """The largest shape side that leaves room for ``n`` objects in an image of ``size``."""
+    w, h = size
+    return max(MIN_SIDE, int(min(0.35 * min(w, h), math.sqrt(w * h / (4.0 * max(n, 1))))))
+
+
+def _capacity(w: int, h: int) -> int:
+    return max(1, min(12, (w * h) // (5 * (MIN_SIDE + GAP) ** 2)))
+
+
+def _other(rng: random.Random, avoid) -> tuple[str, str]:
+    """A random (colour, shape) for which ``avoid(colour, shape)`` is false."""
+    while True:
+        colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+        if not avoid(colour, shape):
+            return colour, shape
+
+
+def counting(rng: random.Random, policy: SizePolicy) -> Sample:
+    mode = rng.choices(["combo", "shape", "colour", "all"], weights=[4, 3, 2, 1])[0]
+    colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+    size = pick_size(rng, policy, aspect=(0.5, 2.0))
+    cap = _capacity(*size)
+    k = 0 if (mode != "all" and rng.random() < 0.06) else rng.randint(1, min(9, cap))
+    m = 0 if mode == "all" else rng.randint(0, max(0, min(6, cap - k)))
+    if mode == "combo":
+        matches, things = (lambda c, s: c == colour and s == shape), plural(f"{colour} {shape}")
+    elif mode == "shape":
+        matches, things = (lambda c, s: s == shape), plural(shape)
+    elif mode == "colour":
+        matches, things = (lambda c, s: c == colour), f"{colour} shapes"
+    else:
+        matches, things = (lambda c, s: True), rng.choice(["shapes", "objects"])
+    targets = [(colour if mode in ("combo", "colour") else rng.choice(sorted(COLOURS)),
+                shape if mode in ("combo", "shape") else rng.choice(SHAPES)) for _ in range(k)]
+    specs = targets + [_other(rng, matches) for _ in range(m)]
+    rng.shuffle(specs)
+    objects = place(rng, size, specs, _max_side(size, len(specs)))
+    image = render(size, objects, rng.choice(BACKGROUNDS))
+    question, pid = phrase(rng, f"counting/{mode}", COUNT_Q, things=things)
+    count = sum(matches(o["colour"], o["shape"]) for o in objects)
+    target = {"colour": colour if mode in ("combo", "colour") else None, "shape": shape if mode in ("combo", "shape") else None}
+    meta = {"kind": mode, "phrasing": pid, "count": count, "target": target, "size": list(size),
+            "objects": _public(objects)}
+    return Sample("counting", question, str(count), meta, image=image)
+
+
+def grounding(rng: random.Random, policy: SizePolicy) -> Sample:
+    colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+    size = pick_size(rng, policy, aspect=(0.5, 2.0))
+    m = rng.randint(0, max(0, min(7, _capacity(*size) - 1)))
+    specs = [(colour, shape)] + [_other(rng, lambda c, s: c == colour and s == shape) for _ in range(m)]
+    rng.shuffle(specs)
+    objects = place(rng, size, specs, _max_side(size, len(specs)))
+    image = render(size, objects, rng.choice(BACKGROUNDS))
+    target = next(o for o in objects if (o["colour"], o["shape"]) == (colour, shape))
+    label = f"{colour} {shape}"
+    box = normalize_coords(target["box"], size)
+    question, pid = phrase(rng, "grounding", GROUND_Q, label=label)
+    meta = {"kind": "box", "phrasing": pid, "label": label, "box": list(box), "box_px": target["box"],
+            "size": list(size), "objects": _public(objects)}
+    return Sample("grounding", question, format_box(box, label), meta, image=image)
+
+
+def _public(objects: list[dict]) -> list[dict]:
+    return [{"colour": o["colour"], "shape": o["shape"], "box": o["box"]} for o in objects]

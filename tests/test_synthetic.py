@@ -1,0 +1,264 @@
+"""Synthetic data: determinism by seed, answers consistent with the pixels, phrasing variety, sizes."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from qwen2vl.agent.grounding import denormalize_coords, iou, parse_regions
+from qwen2vl.data import make_dataset
+from qwen2vl.data.synthetic import (
+    SIZE_POLICIES,
+    charts,
+    generate_sample,
+    read_dataset,
+    reading,
+    shapes,
+    video,
+    write_dataset,
+)
+from qwen2vl.data.synthetic.common import COLOURS
+
+N = 80  # samples per task in the consistency checks
+
+
+def samples(task, n=N, seed=3, policy="varied"):
+    return [generate_sample(i, seed, "train", [task], policy) for i in range(n)]
+
+
+def colour_mask(image, name):
+    return np.all(np.asarray(image) == COLOURS[name], axis=-1)
+
+
+def tight_box(mask):
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def check_objects_match_pixels(image, objects):
+    """Every object's box is the exact bbox of its colour there, and no colour pixel lies outside boxes."""
+    for name in {o["colour"] for o in objects}:
+        mask = colour_mask(image, name)
+        covered = np.zeros_like(mask)
+        for o in objects:
+            x1, y1, x2, y2 = o["box"]
+            covered[y1:y2, x1:x2] = True
+            if o["colour"] == name:
+                sub = mask[y1:y2, x1:x2]
+                assert sub.mean() > 0.3, o  # a filled shape, not a sliver
+                assert tight_box(sub) == [0, 0, x2 - x1, y2 - y1], o
+        assert not (mask & ~covered).any(), f"{name} pixels outside every box"
+
+
+# ------------------------------------------------------------------------------------------ determinism
+
+def test_same_seed_same_sample_and_namespaces_differ():
+    for task in ("reading", "counting", "grounding", "chart", "video"):
+        a, b = generate_sample(7, 11, "train", [task]), generate_sample(7, 11, "train", [task])
+        assert (a.question, a.answer, a.meta) == (b.question, b.answer, b.meta)
+        pa = a.image.tobytes() if a.image else b"".join(f.tobytes() for f in a.frames)
+        pb = b.image.tobytes() if b.image else b"".join(f.tobytes() for f in b.frames)
+        assert pa == pb
+    train = [generate_sample(i, 0, "train") for i in range(20)]
+    other_seed = [generate_sample(i, 1, "train") for i in range(20)]
+    held_out = [generate_sample(i, 0, "eval") for i in range(20)]
+    key = [(s.task, s.question, s.answer, json.dumps(s.meta, sort_keys=True)) for s in train]
+    assert key != [(s.task, s.question, s.answer, json.dumps(s.meta, sort_keys=True)) for s in other_seed]
+    assert not set(key) & {(s.task, s.question, s.answer, json.dumps(s.meta, sort_keys=True)) for s in held_out}
+
+
+def _tree_digest(root):
+    digest = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            digest.update(name.encode())
+            with open(os.path.join(dirpath, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def test_write_dataset_is_deterministic_for_any_worker_count(tmp_path):
+    one = write_dataset(tmp_path / "a", 24, 5, progress=False)
+    two = write_dataset(tmp_path / "b", 24, 5, progress=False, workers=2)
+    assert _tree_digest(one.parent) == _tree_digest(two.parent)
+    records = read_dataset(one)
+    assert len(records) == 24 and len({r["id"] for r in records}) == 24
+    for r in records:
+        user, assistant = r["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant" and assistant["content"]
+        item, text = user["content"]
+        assert text["type"] == "text" and text["text"]
+        paths = item["video"] if item["type"] == "video" else [item["image"]]
+        assert all((one.parent / p).is_file() for p in paths)  # relative to the JSONL
+        assert not any(os.path.isabs(p) for p in paths)
+    manifest = json.loads((one.parent / "manifest.json").read_text())
+    assert sum(manifest["task_counts"].values()) == 24
+
+
+def test_force_size_marks_every_media_item_and_keeps_native_files(tmp_path):
+    path = write_dataset(tmp_path, 12, 2, progress=False, force_size=(224, 224), tasks=["reading", "video"])
+    from PIL import Image
+
+    for r in read_dataset(path):
+        item = r["messages"][0]["content"][0]
+        assert item["resized_height"] == 224 and item["resized_width"] == 224
+        first = item["video"][0] if item["type"] == "video" else item["image"]
+        assert list(Image.open(path.parent / first).size) == r["meta"]["size"]
+
+
+def test_mp4_video_decodes_to_the_frames(tmp_path):
+    av = pytest.importorskip("av")
+    path = write_dataset(tmp_path, 3, 0, progress=False, tasks=["video"], video_format="mp4")
+    for r in read_dataset(path):
+        item = r["messages"][0]["content"][0]
+        assert item["video"].endswith(".mp4")
+        with av.open(str(path.parent / item["video"])) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(frames) == r["meta"]["n_frames"]
+        assert [frames[0].shape[1], frames[0].shape[0]] == r["meta"]["size"]
+
+
+def test_make_dataset_cli(tmp_path, capsys):
+    assert make_dataset.main(["--out", str(tmp_path), "--n", "5", "--seed", "1", "--split", "eval",
+                              "--tasks", "counting=2,chart", "--force-size", "224", "--quiet"]) == 0
+    records = read_dataset(tmp_path)
+    assert {r["task"] for r in records} <= {"counting", "chart"} and records[0]["id"].startswith("eval-1-")
+    from qwen2vl.cli import UserError
+
+    with pytest.raises(UserError, match="unknown task 'ocr'"):
+        make_dataset.main(["--out", str(tmp_path), "--n", "1", "--seed", "0", "--tasks", "ocr"])
+    with pytest.raises(UserError, match="force-size"):
+        make_dataset.main(["--out", str(tmp_path), "--n", "1", "--seed", "0", "--force-size", "big"])
+
+
+# ------------------------------------------------------------------------------- answers match pixels
+
+def test_counting_answer_equals_the_drawn_shapes():
+    seen_zero = False
+    for s in samples("counting"):
+        objects, target = s.meta["objects"], s.meta["target"]
+        check_objects_match_pixels(s.image, objects)
+        count = sum((target["colour"] in (None, o["colour"])) and (target["shape"] in (None, o["shape"]))
+                    for o in objects)
+        assert s.answer == str(count) == str(s.meta["count"])
+        seen_zero |= count == 0
+    assert seen_zero
+
+
+def test_grounding_box_encloses_the_drawn_shape():
+    for s in samples("grounding"):
+        w, h = s.image.size
+        [region] = parse_regions(s.answer)
+        assert region.label == s.meta["label"] and list(region.box) == s.meta["box"]
+        assert all(0 <= v < 1000 for v in region.box)
+        colour = s.meta["label"].split()[0]
+        target = [o for o in s.meta["objects"] if f'{o["colour"]} {o["shape"]}' == s.meta["label"]]
+        assert len(target) == 1  # the reference is unambiguous
+        check_objects_match_pixels(s.image, s.meta["objects"])
+        x1, y1, x2, y2 = s.meta["box_px"]
+        assert colour_mask(s.image, colour)[y1:y2, x1:x2].any()
+        back = denormalize_coords(region.box, (w, h))
+        for got, want, extent in zip(back, s.meta["box_px"], (w, h, w, h)):
+            assert abs(got - want) <= extent / 2000 + 1e-9  # within half a bin of the exact pixel box
+        assert iou(back, s.meta["box_px"]) > 0.8
+
+
+def test_chart_bars_have_the_answered_values():
+    kinds = set()
+    for s in samples("chart"):
+        m = s.meta
+        kinds.add(m["kind"])
+        values = list(m["values"].values())
+        if m["kind"] == "value":
+            assert s.answer == str(m["values"][m["category"]])
+        else:
+            assert s.answer == m["category"] and values.count(m["values"][s.answer]) == 1
+            assert m["values"][s.answer] == (max(values) if m["kind"] == "max" else min(values))
+        left, top, right, base = m["plot"]
+        pixels = np.asarray(s.image)
+        for (x0, y0, x1, _), value in zip(m["bars"], values):
+            assert base - y0 == max(1, round((base - top) * value / m["axis_max"]))
+            cx = (x0 + x1) // 2
+            bar = pixels[base - 1, cx]
+            assert tuple(pixels[y0, cx]) == tuple(bar) and tuple(pixels[y0 - 1, cx]) != tuple(bar)
+        if not m["labelled"]:
+            assert all(v % (m["axis_max"] // 10) == 0 for v in values)
+    assert kinds == {"value", "max", "min"}
+
+
+def test_video_answers_follow_the_frames():
+    kinds = set()
+    for s in samples("video", n=60):
+        m = s.meta
+        kinds.add(m["kind"])
+        assert len(s.frames) == m["n_frames"] in (4, 6, 8)
+        assert all(f.size == tuple(m["size"]) for f in s.frames) and all(v % 2 == 0 for v in m["size"])
+        if m["kind"] == "direction":
+            colour = m["label"].split()[0]
+            for frame, (x1, y1, x2, y2) in zip(s.frames, m["boxes"]):
+                sub = colour_mask(frame, colour)[y1:y2, x1:x2]
+                assert tight_box(sub) == [0, 0, x2 - x1, y2 - y1]
+            (ax, ay), (bx, by) = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in (m["boxes"][0], m["boxes"][-1])]
+            moved = {"left": ax - bx, "right": bx - ax, "up": ay - by, "down": by - ay}
+            assert max(moved, key=moved.get) == s.answer and moved[s.answer] > 0
+        else:
+            for label, (x1, y1, x2, y2) in m["boxes"].items():
+                colour = label.split()[0]
+                visible = [colour_mask(f, colour)[y1:y2, x1:x2].any() for f in s.frames]
+                assert visible == [t >= m["appear"][label] for t in range(len(s.frames))]
+            order = sorted(m["appear"], key=m["appear"].get)
+            assert s.answer == (order[0] if m["kind"] == "first" else order[-1])
+            assert len(set(m["appear"].values())) == len(order)
+        assert s.answer in m["choices"]
+    assert kinds == {"direction", "first", "last"}
+
+
+def test_reading_small_text_tags_and_ink():
+    tags = {True: 0, False: 0}
+    for s in samples("reading", n=200):
+        m = s.meta
+        w, h = s.image.size
+        assert m["text_px_224"] == pytest.approx(m["font_px"] * 224 / max(w, h), abs=0.01)
+        assert m["small_text"] == (m["font_px"] * 224 / max(w, h) < reading.SMALL_TEXT_PX)
+        assert m["font_px"] >= reading.NATIVE_MIN_PX or not m["small_text"]
+        tags[m["small_text"]] += 1
+        x1, y1, x2, y2 = m["text_box"]
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        region = np.asarray(s.image.convert("L"))[y1:y2, x1:x2]
+        assert region.max() - region.min() > 60  # ink on paper where the answer was drawn
+        assert s.answer.strip() == s.answer and s.answer
+    assert tags[True] > 30 and tags[False] > 80
+    kinds = {generate_sample(i, 3, "train", ["reading"]).meta["kind"] for i in range(60)}
+    assert kinds == {"document", "receipt", "sign"}
+
+
+# ----------------------------------------------------------------------------------- phrasing and sizes
+
+TEMPLATES = [reading.TITLE_Q, reading.FIELD_Q, reading.TOTAL_Q, reading.PRICE_Q, reading.STORE_Q, reading.SIGN_Q,
+             shapes.COUNT_Q, shapes.GROUND_Q, charts.VALUE_Q, charts.MAX_Q, charts.MIN_Q, video.DIRECTION_Q,
+             video.FIRST_Q, video.LAST_Q]
+
+
+def test_every_question_kind_has_ten_phrasings_in_use():
+    assert all(len(set(t)) >= 10 for t in TEMPLATES)
+    for task in ("reading", "counting", "grounding", "chart", "video"):
+        batch = samples(task, n=150, seed=9)
+        assert len({s.question for s in batch}) >= 30
+        per_kind = {}
+        for s in batch:
+            per_kind.setdefault(s.meta["phrasing"].rsplit("/", 1)[0], set()).add(s.meta["phrasing"])
+        assert max(len(ids) for ids in per_kind.values()) >= 10, per_kind
+
+
+@pytest.mark.parametrize("policy", ["varied", "compact"])
+def test_image_sizes_span_the_policy(policy):
+    limits = SIZE_POLICIES[policy]
+    sizes = [s.image.size for task in ("reading", "counting", "grounding", "chart")
+             for s in samples(task, n=60, seed=4, policy=policy)]
+    sides = [v for size in sizes for v in size]
+    assert min(sides) >= limits.min_side and max(sides) <= limits.max_side
+    assert min(sides) < 1.6 * limits.min_side and max(sides) > 0.8 * limits.max_side
+    ratios = [w / h for w, h in sizes]
+    assert min(ratios) < 0.6 and max(ratios) > 1.8
