@@ -132,8 +132,11 @@ def test_eval_runner_with_injected_predictor(tmp_path, capsys):
 
     out = tmp_path / "eval.json"
     args = ev.build_parser().parse_args(["--model", "m", "--n", "10", "--seed", "3", "--out", str(out), "--quiet",
-                                         "--tasks", "counting"])
-    result = ev.run(args, lambda convs: ["2"] * len(convs))
+                                         "--tasks", "counting,video", "--video-pixels", "3136,6272"])
+    prompts = []
+    result = ev.run(args, lambda convs: prompts.extend(convs) or ["2"] * len(convs))
+    videos = [c[0]["content"][0] for c in prompts if c[0]["content"][0]["type"] == "video"]
+    assert videos and all((v["min_pixels"], v["max_pixels"]) == (3136, 6272) for v in videos)
     printed = capsys.readouterr().out
     assert "counting" in printed and str(out) in printed
     saved = json.loads(out.read_text())

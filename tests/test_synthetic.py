@@ -125,10 +125,17 @@ def test_make_dataset_cli(tmp_path, capsys):
                               "--tasks", "counting=2,chart", "--force-size", "224", "--quiet"]) == 0
     records = read_dataset(tmp_path)
     assert {r["task"] for r in records} <= {"counting", "chart"} and records[0]["id"].startswith("eval-1-")
+    assert make_dataset.main(["--out", str(tmp_path / "v"), "--n", "2", "--seed", "1", "--tasks", "video",
+                              "--video-pixels", "3136,50176", "--quiet"]) == 0
+    for r in read_dataset(tmp_path / "v"):
+        item = r["messages"][0]["content"][0]
+        assert (item["min_pixels"], item["max_pixels"]) == (3136, 50176)
     from qwen2vl.cli import UserError
 
     with pytest.raises(UserError, match="unknown task 'ocr'"):
         make_dataset.main(["--out", str(tmp_path), "--n", "1", "--seed", "0", "--tasks", "ocr"])
+    with pytest.raises(UserError, match="video-pixels"):
+        make_dataset.main(["--out", str(tmp_path), "--n", "1", "--seed", "0", "--video-pixels", "9,3"])
     with pytest.raises(UserError, match="force-size"):
         make_dataset.main(["--out", str(tmp_path), "--n", "1", "--seed", "0", "--force-size", "big"])
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..cli import UserError
-from .make_dataset import parse_size
+from .make_dataset import parse_pixels, parse_size, parse_tasks
 from .metrics import format_table, score, summarise
-from .synthetic import SIZE_POLICIES, force_media_size, read_dataset, write_dataset
+from .synthetic import SIZE_POLICIES, force_media_size, read_dataset, set_video_pixels, write_dataset
 
 EVAL_SEED = 0
 Predict = Callable[[list[list[dict]]], list[str]]
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma list of tasks to generate (without --data)")
     p.add_argument("--size-policy", choices=sorted(SIZE_POLICIES), default="varied")
     p.add_argument("--force-size", help="N or WxH: squash every image and frame to this size (224 ablation)")
+    p.add_argument("--video-pixels", help="MIN,MAX per-frame pixel budget for video items (as in training)")
     p.add_argument("--limit", type=int, help="score only the first N records")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -100,18 +101,19 @@ def run(args: argparse.Namespace, predict: Predict) -> dict:
             records = read_dataset(path)
             root = path if path.is_dir() else path.parent
         else:
-            from .make_dataset import parse_tasks
-
             jsonl = write_dataset(tmp, args.n, args.seed, split="eval", tasks=parse_tasks(args.tasks),
                                   image_size_policy=args.size_policy, progress=not args.quiet)
             records, root = read_dataset(jsonl), jsonl.parent
         if args.limit is not None:
             records = records[:args.limit]
+        if args.video_pixels:
+            records = [set_video_pixels(r, parse_pixels(args.video_pixels)) for r in records]
         scored, rows = evaluate(records, root, predict, batch_size=args.batch_size, force_size=force_size,
                                 progress=not args.quiet)
     print(format_table(rows))
     result = {"model": args.model, "data": args.data or f"generated eval split, seed {args.seed}, n {args.n}",
-              "force_size": list(force_size) if force_size else None, "rows": rows, "samples": scored}
+              "force_size": list(force_size) if force_size else None, "video_pixels": args.video_pixels,
+              "rows": rows, "samples": scored}
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return result

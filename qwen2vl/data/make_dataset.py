@@ -51,6 +51,19 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return (values[0], values[-1])
 
 
+def parse_pixels(text: str | None) -> tuple[int, int] | None:
+    """``"3136,50176"`` -> (3136, 50176): a per-frame (min_pixels, max_pixels) budget."""
+    if not text:
+        return None
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--video-pixels must be MIN,MAX in pixels, got {text!r}") from None
+    if not 0 < low <= high:
+        raise UserError(f"--video-pixels needs 0 < MIN <= MAX, got {text!r}")
+    return (low, high)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qwen2vl.data.make_dataset", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image sides: varied 100-1200 px, compact 100-512 px")
     p.add_argument("--force-size", help="N or WxH: every media item asks the processor for this size (ablation)")
     p.add_argument("--video-format", choices=["frames", "mp4"], default="frames")
+    p.add_argument("--video-pixels", help="MIN,MAX: per-frame min_pixels and max_pixels on every video item")
     p.add_argument("--workers", type=int, default=1, help="processes (same output for any number)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -76,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     path = write_dataset(args.out, args.n, args.seed, split=args.split, tasks=parse_tasks(args.tasks),
                          image_size_policy=args.size_policy, force_size=parse_size(args.force_size),
-                         video_format=args.video_format, workers=args.workers, progress=not args.quiet)
+                         video_format=args.video_format, video_pixels=parse_pixels(args.video_pixels),
+                         workers=args.workers, progress=not args.quiet)
     print(f"wrote {args.n} samples to {path}")
     return 0
 

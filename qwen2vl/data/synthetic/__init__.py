@@ -6,7 +6,15 @@ Task families: ``reading`` (documents, receipts, signs; some with text too small
 """
 
 from .common import SIZE_POLICIES, SPLITS, Sample, SizePolicy, sample_rng
-from .writer import DEFAULT_MIX, TASKS, force_media_size, generate_sample, read_dataset, write_dataset
+from .writer import (
+    DEFAULT_MIX,
+    TASKS,
+    force_media_size,
+    generate_sample,
+    read_dataset,
+    set_video_pixels,
+    write_dataset,
+)
 
 __all__ = ["DEFAULT_MIX", "SIZE_POLICIES", "SPLITS", "TASKS", "Sample", "SizePolicy", "force_media_size",
-           "generate_sample", "read_dataset", "sample_rng", "write_dataset"]
+           "generate_sample", "read_dataset", "sample_rng", "set_video_pixels", "write_dataset"]

@@ -11,6 +11,8 @@ Media paths are relative to the JSONL file. A video is a list of frame paths
 (``{"type": "video", "video": ["frames/000123_0.png", ...]}``) or one mp4 path. With
 ``force_size=(224, 224)`` every media item also carries ``resized_width``/``resized_height``
 (spec §4.2), so the processor squashes it to that size while the file itself stays native.
+``video_pixels=(min_pixels, max_pixels)`` puts a per-frame pixel budget on every video item: Qwen's
+video defaults (at least 128 merged tokens per two frames) are costly for these small clips.
 """
 
 from __future__ import annotations
@@ -88,6 +90,19 @@ def force_media_size(record: dict, size: tuple[int, int]) -> dict:
     return out
 
 
+def set_video_pixels(record: dict, pixels: tuple[int, int]) -> dict:
+    """``record`` with ``min_pixels``/``max_pixels`` set on its video items (in place; returned)."""
+    low, high = (int(v) for v in pixels)
+    if not 0 < low <= high:
+        raise ValueError(f"video pixel budget must be 0 < min_pixels <= max_pixels, got {pixels}")
+    for message in record["messages"]:
+        if isinstance(message["content"], list):
+            for item in message["content"]:
+                if item.get("type") == "video" or "video" in item:
+                    item["min_pixels"], item["max_pixels"] = low, high
+    return record
+
+
 def write_mp4(frames, path: str | os.PathLike, fps: float = video.FPS) -> None:
     """Encode equal-sized RGB frames (even sides) as H.264 in an mp4 with PyAV."""
     import av
@@ -105,7 +120,7 @@ def write_mp4(frames, path: str | os.PathLike, fps: float = video.FPS) -> None:
 
 
 def _write_one(job: tuple) -> dict:
-    index, seed, split, mix, policy, out_dir, width, video_format, force_size = job
+    index, seed, split, mix, policy, out_dir, width, video_format, force_size, video_pixels = job
     sample = generate_sample(index, seed, split, mix, policy)
     stem = f"{index:0{width}d}"
     if sample.frames is None:
@@ -119,17 +134,21 @@ def _write_one(job: tuple) -> dict:
         for path, frame in zip(media, sample.frames):
             frame.save(os.path.join(out_dir, path), compress_level=1)
     record = to_record(sample, f"{split}-{seed}-{stem}", media)
+    if video_pixels:
+        set_video_pixels(record, video_pixels)
     return force_media_size(record, force_size) if force_size else record
 
 
 def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, *, split: str = "train", tasks=None,
                   image_size_policy: str | SizePolicy = "varied", force_size: tuple[int, int] | None = None,
-                  video_format: str = "frames", workers: int = 1, progress: bool = True) -> Path:
+                  video_format: str = "frames", video_pixels: tuple[int, int] | None = None, workers: int = 1,
+                  progress: bool = True) -> Path:
     """Write samples 0..n-1 of ``(split, seed)`` to ``out_dir/data.jsonl`` and media files; return its path.
 
     ``tasks``: names or {name: weight} (default DEFAULT_MIX). ``image_size_policy``: "varied"
     (sides 100-1200), "compact" (100-512) or a SizePolicy. ``force_size``: (width, height) for
-    the resolution ablation. ``video_format``: "frames" (PNG list) or "mp4". ``workers``:
+    the resolution ablation. ``video_format``: "frames" (PNG list) or "mp4". ``video_pixels``:
+    (min_pixels, max_pixels) per video frame. ``workers``:
     processes; the output is identical for any number of workers.
     """
     if n < 0:
@@ -142,7 +161,9 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, *, split: str =
     for sub in ("images", "frames", "videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     width = max(6, len(str(max(n - 1, 0))))
-    jobs = [(i, seed, split, mix, policy, str(out), width, video_format, force_size) for i in range(n)]
+    if video_pixels:
+        set_video_pixels({"messages": []}, video_pixels)  # validates before any work
+    jobs = [(i, seed, split, mix, policy, str(out), width, video_format, force_size, video_pixels) for i in range(n)]
     counts: dict[str, int] = {}
     tmp = out / "data.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f, tqdm(total=n, desc=f"synthetic {split}", disable=not progress,
@@ -156,6 +177,7 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, *, split: str =
     os.replace(tmp, out / "data.jsonl")
     manifest = {"n": n, "seed": seed, "split": split, "tasks": mix, "image_size_policy": vars(policy),
                 "force_size": list(force_size) if force_size else None, "video_format": video_format,
+                "video_pixels": list(video_pixels) if video_pixels else None,
                 "task_counts": counts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out / "data.jsonl"
