@@ -262,3 +262,24 @@ def test_bad_videos_are_named(tmp_path, videos, model_dir):  # noqa: F811
     with pytest.raises(MediaError, match=r"video 1 \(message 0, part 0\).*either fps or nframes"):
         processor.encode([{"role": "user", "content": [{"type": "video", "video": videos[("mp4", "libx264")],
                                                         "fps": 1, "nframes": 4}]}])
+
+
+def test_fallback_to_counting_frames_after_a_bad_seek(videos, monkeypatch):
+    """If timestamps prove unreliable mid-way, decoding restarts in order and skips what was already given."""
+    from qwen2vl.processing import video as video_module
+
+    path = videos[("mp4", "libx264")]
+    probe = probe_video(path)
+    real = video_module._iter_seeking
+
+    def overshoots(*args):
+        frames = real(*args)
+        yield next(frames)
+        yield next(frames)
+        raise video_module._InOrder
+
+    monkeypatch.setattr(video_module, "_iter_seeking", overshoots)
+    indices = [3, 10, 20, 33, 60]
+    assert np.array_equal(decode_frames(path, probe, indices), _all_frames(path)[indices])
+    no_index = video_module.VideoProbe(probe.total_frames, probe.fps, probe.height, probe.width, None, [])
+    assert np.array_equal(decode_frames(path, no_index, indices), _all_frames(path)[indices])

@@ -35,6 +35,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 89_478_485  # decoded-size cap against decompression bombs (Pillow's warning level)
 
+_LOOKUP_ROWS = 2048  # patch rows normalised per table lookup
 _ORIENTATION = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
@@ -211,17 +212,24 @@ def frames_to_patches(frames: np.ndarray, patch_size: int = PATCH_SIZE, merge_si
     p, m, tp = patch_size, merge_size, temporal_patch_size
     if height % (p * m) or width % (p * m):
         raise ValueError(f"frame size {height}x{width} is not a multiple of {p * m}")
-    if f % tp:
+    single = f == 1  # one image: normalise it once, then copy it into every temporal slot
+    if f % tp and not single:
         frames = np.concatenate([frames, np.repeat(frames[-1:], tp - f % tp, axis=0)])
-    gt, gh, gw = frames.shape[0] // tp, height // p, width // p
-    x = frames.reshape(gt, tp, gh // m, m, p, gw // m, m, p, channels)
+    t_in = 1 if single else tp
+    gt, gh, gw = -(-frames.shape[0] // tp), height // p, width // p
+    x = frames.reshape(gt, t_in, gh // m, m, p, gw // m, m, p, channels)
     x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)  # (gt, bh, bw, mh, mw, C, T, py, px)
-    x = np.ascontiguousarray(x).reshape(gt * gh * gw, channels, tp * p * p)
+    x = np.ascontiguousarray(x).reshape(gt * gh * gw, channels, t_in, p * p)
     table = _normalize_table(tuple(float(v) for v in mean), tuple(float(v) for v in std))
-    out = np.empty(x.shape, dtype=np.float32)  # (N, C, T*P*P)
-    for c in range(channels):
-        out[:, c] = table[c][x[:, c]]
-    return torch.from_numpy(out.reshape(gt * gh * gw, -1)), (gt, gh, gw)
+    normalised = np.empty(x.shape, dtype=np.float32)  # (N, C, t_in, P*P)
+    for i in range(0, len(x), _LOOKUP_ROWS):  # chunks keep the lookup's temporaries in cache
+        for c in range(channels):
+            np.take(table[c], x[i:i + _LOOKUP_ROWS, c], out=normalised[i:i + _LOOKUP_ROWS, c])
+    if single and tp > 1:
+        out = np.empty((gt * gh * gw, channels, tp, p * p), dtype=np.float32)
+        out[:] = normalised  # broadcast over T
+        normalised = out
+    return torch.from_numpy(normalised.reshape(gt * gh * gw, -1)), (gt, gh, gw)
 
 
 def image_to_patches(image: Image.Image | np.ndarray, height: int | None = None, width: int | None = None,

@@ -38,11 +38,11 @@ from .tokenizer import Tokenizer
 from .video import (
     IMAGE_MAX_TOKENS,
     IMAGE_MIN_TOKENS,
-    decode_frames,
     frame_indices,
     frame_range,
     probe_video,
     qwen_vl_utils_resize,
+    read_frames,
     resize_frames,
     smart_nframes,
     video_frame_size,
@@ -300,7 +300,7 @@ class Processor:
                                          options.get("max_pixels"), options.get("total_pixels"),
                                          options.get("resized_height"), options.get("resized_width"))
         return _Plan(part, self._grid(n, height, width),
-                     lambda: resize_frames(decode_frames(data, probe, indices, part.source), height, width))
+                     lambda: read_frames(data, probe, indices, height, width, part.source))
 
     def _plan_frame_list(self, part: MediaPart, options: dict, access: MediaAccess) -> _Plan:
         """Frames given as images: each resized as qwen-vl-utils 0.0.14 does (factor 2*28), then as a video."""

@@ -14,8 +14,11 @@ to an even length with its last frame and resized with the video budget.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -227,21 +230,50 @@ def probe_video(data: str | bytes, source=None) -> VideoProbe:
 
 
 def decode_frames(data: str | bytes, probe: VideoProbe, indices: list[int], source=None) -> np.ndarray:
-    """Decode the frames at sorted ``indices`` (presentation order) as uint8 RGB ``(n, H, W, 3)``.
+    """Decode the frames at sorted ``indices`` (presentation order) as uint8 RGB ``(n, H, W, 3)``."""
+    return np.stack(list(_checked(iter_frames(data, probe, indices, source), source)))
+
+
+def read_frames(data: str | bytes, probe: VideoProbe, indices: list[int], height: int, width: int,
+                source=None) -> np.ndarray:
+    """``resize_frames(decode_frames(...))``, with each chunk resized on a worker thread while the
+    next frames decode (both release the GIL)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending, chunk = [], []
+        for frame in _checked(iter_frames(data, probe, indices, source), source):
+            chunk.append(frame)
+            if len(chunk) == _RESIZE_CHUNK:
+                pending.append(pool.submit(resize_frames, np.stack(chunk), height, width))
+                chunk = []
+        if chunk:
+            pending.append(pool.submit(resize_frames, np.stack(chunk), height, width))
+        return np.concatenate([job.result() for job in pending])
+
+
+def iter_frames(data: str | bytes, probe: VideoProbe, indices: list[int], source=None) -> Iterator[np.ndarray]:
+    """Yield the RGB frames at sorted ``indices`` in order.
 
     With a timestamp index, frames are matched by timestamp and the decoder seeks over runs of
     at least 16 unneeded frames to the keyframe before the next wanted one; otherwise (or if a
     seek lands past its target) frames are counted in decode order from the start.
     """
+    done = 0
+    if probe.timestamps is not None:
+        try:
+            for frame in _iter_seeking(data, probe, indices, source):
+                done += 1
+                yield frame
+            return
+        except _InOrder:
+            pass
+    yield from itertools.islice(_iter_in_order(data, probe, indices, source), done, None)
+
+
+def _checked(frames: Iterator[np.ndarray], source) -> Iterator[np.ndarray]:
     import av
 
     try:
-        if probe.timestamps is not None:
-            try:
-                return _decode_seeking(data, probe, indices, source)
-            except _InOrder:
-                pass
-        return _decode_in_order(data, probe, indices, source)
+        yield from frames
     except av.FFmpegError as err:
         raise MediaError(f"cannot decode video {describe(source)}: {err}") from None
 
@@ -258,7 +290,7 @@ def _rgb(frame, probe: VideoProbe, source) -> np.ndarray:
     return rgb
 
 
-def _decode_seeking(data, probe: VideoProbe, indices: list[int], source) -> np.ndarray:
+def _iter_seeking(data, probe: VideoProbe, indices: list[int], source) -> Iterator[np.ndarray]:
     ts, keys = probe.timestamps, probe.keyframes
     targets = [ts[i] for i in indices]
 
@@ -266,46 +298,43 @@ def _decode_seeking(data, probe: VideoProbe, indices: list[int], source) -> np.n
         k = bisect_right(keys, target) - 1
         return bisect_left(ts, keys[k]) if k >= 0 else 0
 
-    frames: list[np.ndarray] = []
     container, stream = _open_container(data, source)
     try:
-        position = -1  # frame index of the last decoded frame
-        while len(frames) < len(targets):
-            jump = keyframe_index(targets[len(frames)])
+        position, done = -1, 0  # frame index of the last decoded frame; frames yielded
+        while done < len(targets):
+            jump = keyframe_index(targets[done])
             seeked = jump - position > _SEEK_MIN_FRAMES and jump > 0
             if seeked:
                 container.seek(ts[jump], stream=stream, backward=True, any_frame=False)
             ended = True
             for frame in container.decode(stream):
-                if frame.pts is None or (seeked and frame.pts > targets[len(frames)]):
+                if frame.pts is None or (seeked and frame.pts > targets[done]):
                     raise _InOrder
                 seeked = False
                 position = bisect_left(ts, frame.pts)
-                while len(frames) < len(targets) and frame.pts >= targets[len(frames)]:
-                    frames.append(_rgb(frame, probe, source))
-                if len(frames) == len(targets) or keyframe_index(targets[len(frames)]) - position > _SEEK_MIN_FRAMES:
+                while done < len(targets) and frame.pts >= targets[done]:
+                    yield _rgb(frame, probe, source)
+                    done += 1
+                if done == len(targets) or keyframe_index(targets[done]) - position > _SEEK_MIN_FRAMES:
                     ended = False
                     break
-            if ended and len(frames) < len(targets):
+            if ended and done < len(targets):
                 raise MediaError(f"video {describe(source)} ended at frame {position} of {probe.total_frames}; "
-                                 f"frame {indices[len(frames)]} could not be decoded")
+                                 f"frame {indices[done]} could not be decoded")
     finally:
         container.close()
-    return np.stack(frames)
 
 
-def _decode_in_order(data, probe: VideoProbe, indices: list[int], source) -> np.ndarray:
-    frames: list[np.ndarray] = []
+def _iter_in_order(data, probe: VideoProbe, indices: list[int], source) -> Iterator[np.ndarray]:
     container, stream = _open_container(data, source)
+    done = 0
     try:
         for i, frame in enumerate(container.decode(stream)):
-            while len(frames) < len(indices) and indices[len(frames)] == i:
-                frames.append(_rgb(frame, probe, source))
-            if len(frames) == len(indices):
-                break
+            while done < len(indices) and indices[done] == i:
+                yield _rgb(frame, probe, source)
+                done += 1
+            if done == len(indices):
+                return
     finally:
         container.close()
-    if len(frames) < len(indices):
-        raise MediaError(f"video {describe(source)} ended before frame {indices[len(frames)]} "
-                         f"of {probe.total_frames}")
-    return np.stack(frames)
+    raise MediaError(f"video {describe(source)} ended before frame {indices[done]} of {probe.total_frames}")
