@@ -85,40 +85,58 @@ def _summary(names: list[str], limit: int = 8) -> str:
 def load_pretrained(cls, path, dtype=None, device=None, progress=None):
     directory = resolve_checkpoint(path)
     config = Qwen2VLConfig.from_pretrained(directory)
+    files = weight_files(directory)
+    total = sum(f.stat().st_size for f in files)
+    bar = None
+    if progress or (progress is None and total > 1 << 30):
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {directory.name}", leave=False)
+
+    def tensors():
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, (lambda f=f, key=key: f.get_tensor(key)), file.name
+
+    try:
+        return build_from_tensors(cls, config, tensors(), dtype, device, f"checkpoint {directory}", bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def load_state_dict(cls, config: Qwen2VLConfig, state: dict[str, torch.Tensor], dtype=None, device=None):
+    """A model from an in-memory state dict in either key layout (e.g. a transformers model's)."""
+    items = ((key, (lambda t=t: t), "state dict") for key, t in state.items())
+    return build_from_tensors(cls, config, items, dtype, device, "state dict")
+
+
+def build_from_tensors(cls, config: Qwen2VLConfig, items, dtype, device, what: str, bar=None):
+    """Build ``cls(config)`` on the meta device and fill it from ``(key, get_tensor, source)`` items.
+
+    Tensors are read one at a time, so memory stays at about one copy of the weights.
+    """
     dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype) or torch.float32
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(config)
     expected = dict(model.named_parameters())  # tied lm_head is deduplicated away
-    files = weight_files(directory)
-    total = sum(f.stat().st_size for f in files)
-    if progress is None:
-        progress = total > 1 << 30
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {directory.name}", leave=False)
     loaded, unexpected, mismatched = set(), [], []
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = normalize_key(key)
-                if name not in expected:
-                    if not (name == "lm_head.weight" and config.text.tie_word_embeddings):
-                        unexpected.append(f"{key} ({file.name})")
-                    continue
-                tensor = f.get_tensor(key)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
-                    mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}"
-                                      f" ({file.name})")
-                    continue
-                target = dtype if tensor.is_floating_point() else tensor.dtype
-                _set_parameter(model, name, tensor.to(device=device, dtype=target))
-                loaded.add(name)
-                if bar is not None:
-                    bar.update(tensor.numel() * tensor.element_size())
-    if bar is not None:
-        bar.close()
+    for key, get, source in items:
+        name = normalize_key(key)
+        if name not in expected:
+            if not (name == "lm_head.weight" and config.text.tie_word_embeddings):
+                unexpected.append(f"{key} ({source})")
+            continue
+        tensor = get()
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(expected[name].shape)} ({source})")
+            continue
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        _set_parameter(model, name, tensor.to(device=device, dtype=target))
+        loaded.add(name)
+        if bar is not None:
+            bar.update(tensor.numel() * tensor.element_size())
     missing = sorted(set(expected) - loaded)
     problems = []
     if missing:
@@ -128,8 +146,7 @@ def load_pretrained(cls, path, dtype=None, device=None, progress=None):
     if mismatched:
         problems.append(f"mis-shaped keys: {_summary(mismatched)}")
     if problems:
-        raise ValueError(f"checkpoint {directory} does not fit the model described by its config.json: "
-                         + "; ".join(problems))
+        raise ValueError(f"{what} does not fit the model described by its config: " + "; ".join(problems))
     model.tie_weights()
     return model.eval()
 
@@ -149,7 +166,7 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.config.torch_dtype = dtype_name(model.dtype)
     model.config.save(directory)
-    state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()}
+    state = {name: t.to("cpu").contiguous() for name, t in released_state(model)}
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -175,6 +192,24 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
     tmp = directory / (INDEX_FILE + ".tmp")
     tmp.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(tmp, directory / INDEX_FILE)
+
+
+def released_state(model):
+    """(name, tensor) in the released key layout; fused projections are split back into q/k/v, gate/up."""
+    for name, param in model.named_parameters():
+        t = param.detach()
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.endswith(".qkv_proj"):
+            attn = model.get_submodule(prefix.rpartition(".")[0])
+            base = prefix.rpartition(".")[0]
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"), t.split(attn.split_sizes)):
+                yield f"{base}.{part}.{leaf}", piece
+        elif prefix.endswith(".gate_up_proj"):
+            base = prefix.rpartition(".")[0]
+            for part, piece in zip(("gate_proj", "up_proj"), t.chunk(2)):
+                yield f"{base}.{part}.{leaf}", piece
+        else:
+            yield name, t
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:

@@ -139,3 +139,21 @@ def test_invalid_sampling_values_are_refused():
                 {"repetition_penalty": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad).validate()
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_static_path_equals_eager_path(pair, compile):
+    """The static-cache decoder (the CUDA-graph path, run directly on CPU) gives the eager tokens."""
+    _, eager = pair
+    static = Engine(eager.model, static=True, compile=compile, sync_every=4)
+    rows, images, videos = CASES["batch of three"]
+    batch = make_batch(rows, images, videos)
+    for params in (SamplingParams(max_new_tokens=20, stop_token_ids=[EOS]),
+                   SamplingParams(max_new_tokens=9, stop_token_ids=[EOS])):
+        expected = eager.generate_batch(batch, [params] * 3)
+        got = static.generate_batch(batch, [params] * 3)
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+        assert [r.finish_reason for r in got] == [r.finish_reason for r in expected]
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.8, top_k=40, seed=4)
+    assert static.generate_batch(batch, [sampled] * 3)[0].token_ids == \
+        static.generate_batch(batch, [sampled] * 3)[0].token_ids

@@ -127,3 +127,20 @@ def test_from_config_is_seeded():
     a, b = Qwen2VL.from_config(config, seed=7), Qwen2VL.from_config(config, seed=7)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert a.lm_head.weight is a.model.embed_tokens.weight
+
+
+def test_fused_projections_give_the_same_logits_and_save_unfused(tmp_path):
+    config = Qwen2VLConfig.from_dict(tiny_config())
+    model = Qwen2VL.from_config(config, seed=3)
+    ids = torch.tensor([prompt(3, ("image", 1, 4, 4), 5)])
+    pv, grid = pixels([(1, 4, 4)])
+    with torch.no_grad():
+        before = model(ids, pixel_values=pv, image_grid_thw=grid)
+        model.fuse_projections()
+        after = model(ids, pixel_values=pv, image_grid_thw=grid)
+    assert not hasattr(model.model.layers[0].self_attn, "q_proj")
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = Qwen2VL.from_pretrained(tmp_path)(ids, pixel_values=pv, image_grid_thw=grid)
+    torch.testing.assert_close(reloaded, before, rtol=1e-5, atol=1e-6)

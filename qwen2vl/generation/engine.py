@@ -21,6 +21,7 @@ import torch
 
 from ..model import KVCache, Qwen2VL, rope_index
 from .sampling import RowSampler, SamplingParams, sample_rows
+from .static import StaticDecoder, device_samplable, run_static
 from .vision_cache import VisionCache
 
 CONTROL_TOKENS = ("endoftext_id", "im_start_id", "im_end_id", "vision_start_id", "vision_end_id",
@@ -97,7 +98,11 @@ class Engine:
     """Generation over a :class:`Qwen2VL` and its processor."""
 
     def __init__(self, model: Qwen2VL, processor=None, generation_config: dict | None = None,
-                 vision_cache_items: int = 64, max_context: int | None = None):
+                 vision_cache_items: int = 64, max_context: int | None = None, static: bool | None = None,
+                 compile: bool = False, sync_every: int = 16):
+        """``static`` (default: on CUDA) decodes with a captured :class:`StaticDecoder`; ``compile``
+        fuses its step with torch.compile first; ``sync_every`` is how many tokens pass between checks
+        for stopped rows on that path."""
         self.model = model.eval()
         self.processor = processor
         self.config = model.config
@@ -107,6 +112,10 @@ class Engine:
         self.max_context = max_context or self.config.text.max_position_embeddings
         ids = [getattr(self.tokenizer, name, None) for name in CONTROL_TOKENS] if self.tokenizer else []
         self.control_ids = frozenset(i for i in ids if i is not None)
+        self.static = model.device.type == "cuda" if static is None else static
+        self.compile = compile
+        self.sync_every = sync_every
+        self._static_decoders: dict[tuple[int, int], StaticDecoder] = {}
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, progress=None, **kwargs) -> Engine:
@@ -211,6 +220,9 @@ class Engine:
         if capacity > self.max_context:
             raise ValueError(f"prompt of {length} tokens + {max(p.max_new_tokens for p in params)} new tokens "
                              f"exceeds the context of {self.max_context} tokens")
+        if self.static and session is None and device_samplable(params):
+            yield from run_static(self, batch, params, ids, mask)
+            return
         start = time.perf_counter()
         cache = KVCache(self.config.text, rows, capacity, self.model.dtype, self.device)
         reused = 0
@@ -245,6 +257,13 @@ class Engine:
         if session is not None:
             session.cache, session.tokens = cache, ids[0].tolist() + seqs[0].tokens[:steps]
         yield [s.result(dict(timings)) for s in seqs]
+
+    def static_decoder(self, rows: int, capacity: int) -> StaticDecoder:
+        """The captured decoder for this batch size and cache capacity (built on first use)."""
+        key = (rows, capacity)
+        if key not in self._static_decoders:
+            self._static_decoders[key] = StaticDecoder(self.model, rows, capacity, compile=self.compile)
+        return self._static_decoders[key]
 
     def encode_media(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         merge = self.config.vision.spatial_merge_size

@@ -101,6 +101,13 @@ class Qwen2VL(nn.Module):
         hidden = self.decode(x, position_ids, mask)
         return hidden if return_hidden else self.lm_head(hidden)
 
+    def fuse_projections(self) -> Qwen2VL:
+        """Fuse each decoder layer's q/k/v and gate/up projections (inference; saving splits them back)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
+
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,

@@ -167,6 +167,11 @@ class VisionTransformer(nn.Module):
         self.merger = PatchMerger(config)
         self.gradient_checkpointing = False
 
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each block (fuses norms, rotary and activations); ``options`` go to torch.compile."""
+        for block in self.blocks:
+            block.compile(**options)
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grids = [tuple(g) for g in grid_thw.tolist()]
         check_grids(grids, pixel_values.shape[0], self.config)
