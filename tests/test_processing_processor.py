@@ -235,7 +235,23 @@ def test_bad_images_are_named(processor, tmp_path):
         small.encode([{"role": "user", "content": [{"type": "image", "image": str(inside / "ok.png")}]}])
 
 
-def test_placeholder_count_mismatch_is_refused(processor):
+def test_placeholder_count_mismatch_is_refused(processor, monkeypatch, tmp_path):
+    picture = tmp_path / "p.png"
+    _picture(56, 56).save(picture)
+    conversation = [{"role": "user", "content": [{"type": "image", "image": picture}]}]  # a pathlib.Path
+    assert processor.encode(conversation).image_grid_thw.tolist() == [[1, 4, 4]]
+    tok = processor.tokenizer
+    real = tok.encode_with_offsets
+
+    def splits_the_pad(text):  # as a tokenizer without <|image_pad|> as one special token would
+        ids, offsets = real(text)
+        keep = [i for i, t in enumerate(ids) if t != tok.image_pad_id]
+        return [ids[i] for i in keep], [offsets[i] for i in keep]
+
+    monkeypatch.setattr(tok, "encode_with_offsets", splits_the_pad)
+    with pytest.raises(MediaError, match="the prompt has 0 image placeholders but the conversation has 1 images"):
+        processor.encode(conversation)
+    monkeypatch.undo()
     with pytest.raises(MediaError, match=r"message 0, part 1: text contains '<\|image_pad\|>'"):
         processor.encode([{"role": "user", "content": [{"type": "image", "image": _picture(56, 56)},
                                                        {"type": "text", "text": "and <|image_pad|>"}]}])

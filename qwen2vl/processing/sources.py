@@ -72,6 +72,8 @@ def read_source(source: str | bytes, access: MediaAccess | None = None) -> str |
     data URL, or a remote URL when remote loading is off or the download fails or is too big.
     """
     access = access or MediaAccess()
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if not isinstance(source, str):
