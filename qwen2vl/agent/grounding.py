@@ -144,7 +144,8 @@ def denormalize_coords(coords: Sequence[int], size: tuple[float, float]) -> tupl
     return tuple(denormalize(int(v), size[i % 2]) for i, v in enumerate(coords))
 
 
-def rescale(coords: Sequence[float], from_size: tuple[float, float], to_size: tuple[float, float]) -> tuple[float, ...]:
+def rescale(coords: Sequence[float], from_size: tuple[float, float],
+            to_size: tuple[float, float]) -> tuple[float, ...]:
     """Alternating x, y pixel coordinates from one image size to another (original <-> resized)."""
     return tuple(v * to_size[i % 2] / from_size[i % 2] for i, v in enumerate(coords))
 
@@ -216,4 +217,5 @@ def _draw_label(draw: ImageDraw.ImageDraw, text: str, corner: tuple[float, float
     y = corner[1] - th if corner[1] - th >= 0 else min(corner[1], max(0, size[1] - th))
     draw.rectangle([x, y, x + tw, y + th], fill=colour)
     luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-    draw.text((x + pad - left, y + pad - top), text, font=font, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255))
+    ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+    draw.text((x + pad - left, y + pad - top), text, font=font, fill=ink)

@@ -136,7 +136,8 @@ def train_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str], vocab_size
     """
     learned = vocab_size - len(SPECIAL_TOKENS)
     if learned < 257:
-        raise ValueError(f"vocab_size {vocab_size} leaves no room for merges; use at least {257 + len(SPECIAL_TOKENS)}")
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for merges; "
+                         f"use at least {257 + len(SPECIAL_TOKENS)}")
     tokenizer = new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=learned, min_frequency=min_frequency, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])

@@ -122,16 +122,18 @@ def document(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | No
     px = pick_font_px(rng, max(w, h), small, cap=max(NATIVE_MIN_PX, (h - 2 * margin) // 5))
     title_px = px if small else int(px * rng.uniform(1.0, 1.4))
     ink = rng.choice(INKS)
-    title = rng.choice([rng.choice(vocab.DOC_TITLES), f"{vocab.word(rng).capitalize()} {rng.choice(vocab.DOC_TITLES)}"])
+    title = rng.choice([rng.choice(vocab.DOC_TITLES),
+                        f"{vocab.word(rng).capitalize()} {rng.choice(vocab.DOC_TITLES)}"])
     fields = rng.sample(sorted(vocab.FIELDS), k=rng.randint(2, 6))
     values = {f: vocab.FIELDS[f](rng) for f in fields}
     filler = [" ".join(vocab.word(rng) for _ in range(rng.randint(3, 9))) for _ in range(rng.randint(0, 6))]
     lines = [(title, title_px, ink), ("", px, ink)]
-    lines += [(f"{f.capitalize()}: {values[f]}", px, ink) for f in fields]
+    field_lines = {f"{f.capitalize()}: {values[f]}": f for f in fields}
+    lines += [(text, px, ink) for text in field_lines]
     lines += [(_trim(t, px, w - 2 * margin), px, ink) for t in filler]
     image = Image.new("RGB", (w, h), rng.choice(PAPERS))
     drawn = _write_lines(ImageDraw.Draw(image), lines, margin, margin, w - 2 * margin, h - margin)
-    asked = [(t, p, b) for t, p, b in drawn if t == title or any(t == f"{f.capitalize()}: {values[f]}" for f in fields)]
+    asked = [(t, p, b) for t, p, b in drawn if t == title or t in field_lines]
     if not asked:
         return None
     text, used_px, box = rng.choice(asked)
@@ -139,10 +141,11 @@ def document(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | No
         question, pid = phrase(rng, "reading/title", TITLE_Q)
         answer = title
     else:
-        field = next(f for f in fields if text == f"{f.capitalize()}: {values[f]}")
+        field = field_lines[text]
         question, pid = phrase(rng, "reading/field", FIELD_Q, field=field)
         answer = values[field]
-    return Sample("reading", question, answer, {"kind": "document", "phrasing": pid, "font_px": used_px, "text_box": box}, image=image)
+    meta = {"kind": "document", "phrasing": pid, "font_px": used_px, "text_box": box}
+    return Sample("reading", question, answer, meta, image=image)
 
 
 def _trim(text: str, px: int, max_w: int) -> str:
@@ -176,7 +179,7 @@ def receipt(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | Non
     for left, right, key in rows:
         if y + px > h - margin:
             break
-        if max(text_width(left, px) + (text_width(f"  {right}", px) if right else 0), 0) <= inner:
+        if text_width(left, px) + (text_width(f"  {right}", px) if right else 0) <= inner:
             draw.text((margin, y), left, font=font(px), fill=ink)
             if right is not None:
                 rx = w - margin - int(math.ceil(text_width(right, px)))
@@ -197,7 +200,8 @@ def receipt(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | Non
     else:
         question, pid = phrase(rng, "reading/price", PRICE_Q, item=key)
         answer = prices[key]
-    return Sample("reading", question, answer, {"kind": "receipt", "phrasing": pid, "font_px": px, "text_box": drawn[key]}, image=image)
+    meta = {"kind": "receipt", "phrasing": pid, "font_px": px, "text_box": drawn[key]}
+    return Sample("reading", question, answer, meta, image=image)
 
 
 def _sign_text(rng: random.Random) -> str:

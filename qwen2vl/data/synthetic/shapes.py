@@ -91,7 +91,8 @@ def place(rng: random.Random, size: tuple[int, int], specs: list[tuple[str, str]
     return placed
 
 
-def _find_spot(rng: random.Random, size: tuple[int, int], side: int, boxes: list[list[int]]) -> tuple[int, int] | None:
+def _find_spot(rng: random.Random, size: tuple[int, int], side: int,
+               boxes: list[list[int]]) -> tuple[int, int] | None:
     w, h = size
     if side > w or side > h:
         return None
@@ -152,7 +153,8 @@ def counting(rng: random.Random, policy: SizePolicy) -> Sample:
     image = render(size, objects, rng.choice(BACKGROUNDS))
     question, pid = phrase(rng, f"counting/{mode}", COUNT_Q, things=things)
     count = sum(matches(o["colour"], o["shape"]) for o in objects)
-    target = {"colour": colour if mode in ("combo", "colour") else None, "shape": shape if mode in ("combo", "shape") else None}
+    target = {"colour": colour if mode in ("combo", "colour") else None,
+              "shape": shape if mode in ("combo", "shape") else None}
     meta = {"kind": mode, "phrasing": pid, "count": count, "target": target, "size": list(size),
             "objects": _public(objects)}
     return Sample("counting", question, str(count), meta, image=image)
