@@ -99,9 +99,10 @@ class Engine:
 
     def __init__(self, model: Qwen2VL, processor=None, generation_config: dict | None = None,
                  vision_cache_items: int = 64, max_context: int | None = None, static: bool | None = None,
-                 compile: bool = False, sync_every: int = 16):
+                 compile: bool = False, compile_vision: bool = False, sync_every: int = 16):
         """``static`` (default: on CUDA) decodes with a captured :class:`StaticDecoder`; ``compile``
-        fuses its step with torch.compile first; ``sync_every`` is how many tokens pass between checks
+        fuses its step with torch.compile first; ``compile_vision`` compiles the vision blocks;
+        ``sync_every`` is how many tokens pass between checks
         for stopped rows on that path."""
         self.model = model.eval()
         self.processor = processor
@@ -115,6 +116,8 @@ class Engine:
         self.static = model.device.type == "cuda" if static is None else static
         self.compile = compile
         self.sync_every = sync_every
+        if compile_vision:
+            model.visual.compile_blocks(dynamic=True)
         self._static_decoders: dict[tuple[int, int], StaticDecoder] = {}
 
     @classmethod

@@ -64,8 +64,8 @@ def mrope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, mrope
     For text tokens all three positions are equal and this is plain 1-D RoPE.
     """
     inv = inverse_frequencies(head_dim, theta, position_ids.device)  # (head_dim/2,)
-    component = torch.tensor([axis for axis, n in enumerate(mrope_section) for _ in range(n)],
-                             device=position_ids.device)
+    j = torch.arange(head_dim // 2, device=position_ids.device)  # built on the device: no host copy
+    component = (j >= mrope_section[0]).long() + (j >= mrope_section[0] + mrope_section[1]).long()
     # pick, for every frequency j, the position component it rotates with: (B, T, head_dim/2)
     positions = position_ids.permute(1, 2, 0)[..., component].to(torch.float32)
     angles = positions * inv
