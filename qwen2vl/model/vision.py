@@ -35,51 +35,54 @@ def activation(name: str):
 class FrameGroups:
     """How the N patch rows split into independent attention sequences (one per frame group).
 
-    ``buckets`` holds, per distinct group length L, the rows of all groups of that length
-    (``None`` when every group has the same length and the rows are simply ``arange(N)``).
-    Built once per forward and shared by all blocks.
+    ``lengths`` are the groups' row counts in row order (each group is a contiguous run of rows);
+    ``buckets`` holds, per distinct length L, the indices of the groups of that length. Built once
+    per forward and shared by all blocks.
 
     Example: an image of 4x6 patches and a 2-group video of 4x4 patches give lengths
-    [24, 16, 16]: one bucket of 1 group x 24 rows, one of 2 groups x 16 rows.
+    [24, 16, 16] and buckets [[1, 2], [0]] (lengths 16 and 24).
     """
 
-    buckets: list[tuple[torch.Tensor | None, int, int]]  # (row index or None, groups, length)
+    lengths: list[int]
+    buckets: list[list[int]]  # per distinct length (ascending), the indices of the groups of that length
 
     @classmethod
-    def from_grids(cls, grids: list[tuple[int, int, int]], device) -> FrameGroups:
+    def from_grids(cls, grids: list[tuple[int, int, int]]) -> FrameGroups:
         lengths = [h * w for t, h, w in grids for _ in range(t)]
-        if len(set(lengths)) == 1:
-            return cls([(None, len(lengths), lengths[0])])
-        starts, offset = [], 0
-        for length in lengths:
-            starts.append(offset)
-            offset += length
-        buckets = []
-        for length in sorted(set(lengths)):
-            group_starts = torch.tensor([s for s, n in zip(starts, lengths) if n == length], device=device)
-            rows = (group_starts.view(-1, 1) + torch.arange(length, device=device)).flatten()
-            buckets.append((rows, group_starts.numel(), length))
-        return cls(buckets)
+        by_length: dict[int, list[int]] = {}
+        for i, length in enumerate(lengths):
+            by_length.setdefault(length, []).append(i)
+        return cls(lengths, [by_length[length] for length in sorted(by_length)])
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: FrameGroups) -> torch.Tensor:
-    """Non-causal attention inside each frame group. q, k, v: (N, heads, D) -> (N, heads, D)."""
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: FrameGroups,
+                      backends: list | None = None) -> torch.Tensor:
+    """Non-causal attention inside each frame group. q, k, v: (N, heads, D) -> (N, heads, D).
+
+    Groups of one length are stacked into one batched call. Groups are cut out with split/stack
+    and put back with cat (their backward passes are a cat and views), never with row indices,
+    whose backward zero-fills an (N, heads, D) gradient per bucket: a training batch of many
+    image sizes has many buckets. ``backends`` (CUDA only) lists the SDPA kernels to use, in
+    order of preference.
+    """
+    if backends and q.is_cuda:
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(backends, set_priority=True):
+            return grouped_attention(q, k, v, groups)
     n, heads, dim = q.shape
-    out = torch.empty_like(q) if len(groups.buckets) > 1 else None
-    for rows, count, length in groups.buckets:
-        qb, kb, vb = (_stack_groups(x, rows, count, length) for x in (q, k, v))
+    if len(groups.buckets) == 1:
+        count, length = len(groups.lengths), groups.lengths[0]
+        qb, kb, vb = (x.view(count, length, heads, dim).transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qb, kb, vb)  # (G, heads, L, D)
-        o = o.transpose(1, 2).reshape(count * length, heads, dim)
-        if rows is None:
-            return o
-        out[rows] = o
-    return out
-
-
-def _stack_groups(x: torch.Tensor, rows: torch.Tensor | None, count: int, length: int) -> torch.Tensor:
-    """(N, heads, D) -> (groups, heads, L, D) for the groups of one length."""
-    x = x if rows is None else x[rows]
-    return x.view(count, length, x.shape[1], x.shape[2]).transpose(1, 2)
+        return o.transpose(1, 2).reshape(n, heads, dim)
+    pieces = [x.split(groups.lengths) for x in (q, k, v)]  # per group (L_g, heads, D)
+    out: list[torch.Tensor | None] = [None] * len(groups.lengths)
+    for index in groups.buckets:
+        qb, kb, vb = (torch.stack([p[i] for i in index]).transpose(1, 2) for p in pieces)  # (G, heads, L, D)
+        o = F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2)  # (G, L, heads, D)
+        for i, group_out in zip(index, o.unbind(0)):
+            out[i] = group_out
+    return torch.cat(out)
 
 
 class PatchEmbed(nn.Module):
@@ -105,6 +108,7 @@ class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads = config.num_heads
+        self.backends = None  # SDPA kernels to prefer on CUDA (VisionTransformer.prefer_attention)
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=True)
 
@@ -114,7 +118,7 @@ class VisionAttention(nn.Module):
         # rotary in float32, then back to the activation dtype
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        return self.proj(grouped_attention(q, k, v, groups).reshape(n, -1))
+        return self.proj(grouped_attention(q, k, v, groups, self.backends).reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -167,6 +171,11 @@ class VisionTransformer(nn.Module):
         self.merger = PatchMerger(config)
         self.gradient_checkpointing = False
 
+    def prefer_attention(self, *backends) -> None:
+        """Prefer these SDPA kernels on CUDA (e.g. ``SDPBackend.CUDNN_ATTENTION``); none: PyTorch's choice."""
+        for block in self.blocks:
+            block.attn.backends = list(backends) or None
+
     def compile_blocks(self, **options) -> None:
         """torch.compile each block (fuses norms, rotary and activations); ``options`` go to torch.compile."""
         for block in self.blocks:
@@ -180,7 +189,7 @@ class VisionTransformer(nn.Module):
         cos, sin = vision_cos_sin(vision_rotary_ids(grids, self.config.spatial_merge_size, device),
                                   self.config.head_dim)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N, 1, D): broadcast over heads
-        groups = FrameGroups.from_grids(grids, device)
+        groups = FrameGroups.from_grids(grids)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, groups, use_reentrant=False)
