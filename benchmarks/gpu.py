@@ -248,32 +248,18 @@ def main() -> None:
                 RESULTS["checks"]["greedy_prefix_equal_to_transformers"] = next(
                     (i for i, (a, b) in enumerate(zip(ref, other)) if a != b), len(ref))
         model.fuse_projections()
-        with section("ours vision cudnn", budget):
-            from torch.nn.attention import SDPBackend
-            model.visual.prefer_attention(SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
-            for name, pv, grid in vision_inputs(device, args.shape):
-                RESULTS["ours"][f"vision {name} ms (cudnn attention)"] = 1e3 * timed(
-                    lambda pv=pv, grid=grid: model.visual(pv, grid), device)
-            big = "vision image 1344x896 ms"
-            if RESULTS["ours"][f"{big} (cudnn attention)"] > RESULTS["ours"][big]:
-                model.visual.prefer_attention()  # keep PyTorch's default where cuDNN is not faster
-            RESULTS["checks"]["vision_attention"] = "cudnn" if model.visual.blocks[0].attn.backends else "default"
         with section("ours vision compiled", budget):
             model.visual.compile_blocks(dynamic=True)
             for name, pv, grid in vision_inputs(device, args.shape):
-                RESULTS["ours"][f"vision {name} ms (compiled, {RESULTS['checks'].get('vision_attention')})"] = \
-                    1e3 * timed(lambda pv=pv, grid=grid: model.visual(pv, grid), device, 3, 5)
+                RESULTS["ours"][f"vision {name} ms (compiled)"] = 1e3 * timed(lambda pv=pv, grid=grid: model.visual(pv, grid), device, 3, 5)
         with section("ours ttft with compiled vision", budget + 30):
+            ttft_engine = Engine(model, static=True, vision_cache_items=0)
             ids, pv, grid = ttft_inputs(device, args.shape)
             batch = {"input_ids": ids, "pixel_values": pv, "image_grid_thw": grid}
             first = SamplingParams(max_new_tokens=1)
             RESULTS["ours"]["ttft ms (compiled vision)"] = 1e3 * timed(
-                lambda: Engine(model, static=True, vision_cache_items=0).generate_batch(batch, [first]), device, 2, 5)
-        matmul_rows = [b for b in batches if b <= 8]
-        variants = [("graph", False, False, batches), ("graph+compile", True, False, matmul_rows),
-                    ("graph+compile+matmul-attention", True, True, matmul_rows)]
-        for label, compile_, matmul, rows_list in variants:
-            model.use_matmul_decode(matmul)
+                lambda: ttft_engine.generate_batch(batch, [first]), device, 2, 5)
+        for label, compile_ in (("graph", False), ("graph+compile", True)):
             engine = Engine(model, static=True, compile=compile_, vision_cache_items=0, sync_every=64)
             with section(f"ours {label} check", budget):
                 ids = text_batch(1, device, 24)
@@ -295,7 +281,7 @@ def main() -> None:
                 RESULTS["ours"][f"ttft ms ({label})"] = 1e3 * timed(
                     lambda batch=batch, engine=engine, first=first: engine.generate_batch(batch, [first]),
                     device, 2, 5)
-            for rows in rows_list:
+            for rows in batches:
                 with section(f"ours {label} decode b{rows}", budget):
                     ids = text_batch(rows, device)
                     params = [SamplingParams(max_new_tokens=args.new_tokens)] * rows

@@ -157,18 +157,3 @@ def test_static_path_equals_eager_path(pair, compile):
     sampled = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.8, top_k=40, seed=4)
     assert static.generate_batch(batch, [sampled] * 3)[0].token_ids == \
         static.generate_batch(batch, [sampled] * 3)[0].token_ids
-
-
-def test_matmul_decode_attention_equals_sdpa(pair):
-    _, engine = pair
-    rows, images, videos = CASES["batch of three"]
-    batch = make_batch(rows, images, videos)
-    params = [SamplingParams(max_new_tokens=12, stop_token_ids=[EOS])] * 3
-    expected = engine.generate_batch(batch, params)
-    engine.model.use_matmul_decode(True)
-    try:
-        got = Engine(engine.model, static=True).generate_batch(batch, params)
-        eager = engine.generate_batch(batch, params)
-    finally:
-        engine.model.use_matmul_decode(False)
-    assert [r.token_ids for r in got] == [r.token_ids for r in expected] == [r.token_ids for r in eager]

@@ -108,12 +108,6 @@ class Qwen2VL(nn.Module):
             layer.mlp.fuse()
         return self
 
-    def use_matmul_decode(self, enabled: bool = True) -> Qwen2VL:
-        """Single-token decode attention as plain matmuls (:func:`~qwen2vl.model.text.decode_attention`)."""
-        for layer in self.model.layers:
-            layer.self_attn.matmul_decode = enabled
-        return self
-
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,

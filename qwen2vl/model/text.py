@@ -37,7 +37,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=False)
         self.qkv_proj = None  # q, k and v in one matmul after fuse()
-        self.matmul_decode = False  # single-token steps with plain matmuls instead of SDPA (see decode_attention)
 
     @property
     def split_sizes(self) -> list[int]:
@@ -67,29 +66,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, slots)  # (B, KV, S, D)
-        if self.matmul_decode and t == 1:
-            out = decode_attention(q, k, v, mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                                 enable_gqa=self.num_kv_heads != self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one query per row written as two matmuls and a float32 softmax.
-
-    q (B, H, 1, D); k, v (B, KV, S, D); mask (B, 1, 1, S) bool or None. The H query heads are
-    grouped by their kv head, (B, KV, H/KV, D), so no key or value is repeated. Under torch.compile
-    the scaling, masking and softmax fuse into one kernel, which for a single query beats the
-    general attention kernels.
-    """
-    b, h, _, d = q.shape
-    kv = k.shape[1]
-    scores = (q.view(b, kv, h // kv, d) @ k.transpose(-1, -2)).float() * d**-0.5  # (B, KV, G, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    out = scores.softmax(-1).to(v.dtype) @ v  # (B, KV, G, D)
-    return out.view(b, h, 1, d)
 
 
 class MLP(nn.Module):

@@ -55,20 +55,14 @@ class FrameGroups:
         return cls(lengths, [by_length[length] for length in sorted(by_length)])
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: FrameGroups,
-                      backends: list | None = None) -> torch.Tensor:
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: FrameGroups) -> torch.Tensor:
     """Non-causal attention inside each frame group. q, k, v: (N, heads, D) -> (N, heads, D).
 
     Groups of one length are stacked into one batched call. Groups are cut out with split/stack
     and put back with cat (their backward passes are a cat and views), never with row indices,
     whose backward zero-fills an (N, heads, D) gradient per bucket: a training batch of many
-    image sizes has many buckets. ``backends`` (CUDA only) lists the SDPA kernels to use, in
-    order of preference.
+    image sizes has many buckets.
     """
-    if backends and q.is_cuda:
-        from torch.nn.attention import sdpa_kernel
-        with sdpa_kernel(backends, set_priority=True):
-            return grouped_attention(q, k, v, groups)
     n, heads, dim = q.shape
     if len(groups.buckets) == 1:
         count, length = len(groups.lengths), groups.lengths[0]
@@ -108,7 +102,6 @@ class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads = config.num_heads
-        self.backends = None  # SDPA kernels to prefer on CUDA (VisionTransformer.prefer_attention)
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=True)
 
@@ -118,7 +111,7 @@ class VisionAttention(nn.Module):
         # rotary in float32, then back to the activation dtype
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        return self.proj(grouped_attention(q, k, v, groups, self.backends).reshape(n, -1))
+        return self.proj(grouped_attention(q, k, v, groups).reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -170,11 +163,6 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
         self.merger = PatchMerger(config)
         self.gradient_checkpointing = False
-
-    def prefer_attention(self, *backends) -> None:
-        """Prefer these SDPA kernels on CUDA (e.g. ``SDPBackend.CUDNN_ATTENTION``); none: PyTorch's choice."""
-        for block in self.blocks:
-            block.attn.backends = list(backends) or None
 
     def compile_blocks(self, **options) -> None:
         """torch.compile each block (fuses norms, rotary and activations); ``options`` go to torch.compile."""
