@@ -46,7 +46,7 @@ def test_grouped_attention_equals_attention_per_group():
     lengths = [h * w for t, h, w in grids for _ in range(t)]
     n = sum(lengths)
     q, k, v = (torch.randn(n, 3, 8) for _ in range(3))
-    got = grouped_attention(q, k, v, FrameGroups.from_grids(grids, "cpu"))
+    got = grouped_attention(q, k, v, FrameGroups.from_grids(grids))
     parts, start = [], 0
     for length in lengths:
         sl = slice(start, start + length)
