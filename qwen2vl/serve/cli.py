@@ -1,0 +1,86 @@
+"""``qwen2vl serve``: the OpenAI-compatible server and the web chat page.
+
+    qwen2vl serve                                   # the embedded model on http://127.0.0.1:8000
+    qwen2vl serve --model DIR --port 8080 --allowed-media-dir ./media --max-batch 16
+
+Open http://127.0.0.1:8000/ for the chat page, or point any OpenAI client at
+http://127.0.0.1:8000/v1. The server has no authentication: it binds to loopback unless --host
+says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from ..cli import UserError
+from ..generation.cli import Parser, add_model_options, load_engine
+
+
+def add_serving_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``serve`` and ``batch``: batching, context and media access."""
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="cache slots per request: prompt + answer (default: the model's context, at most 8192)")
+    parser.add_argument("--default-max-tokens", type=int, default=512,
+                        help="answer length when a request gives no max_tokens (default 512)")
+    parser.add_argument("--allowed-media-dir", help="local media files may be read from this directory only")
+    parser.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image and video URLs")
+    parser.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per remote download (default 10)")
+    parser.add_argument("--max-remote-mb", type=float, default=64, help="size cap per remote download (default 64)")
+    parser.add_argument("--max-media-items", type=int, default=16, help="images + videos per request (default 16)")
+    parser.add_argument("--max-image-pixels", type=int, help="decoded pixels per image (decompression bomb guard)")
+
+
+def check_serving_options(args) -> None:
+    for name in ("max_batch", "default_max_tokens", "max_media_items"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    if args.allowed_media_dir is not None and not os.path.isdir(args.allowed_media_dir):
+        raise UserError(f"--allowed-media-dir {args.allowed_media_dir} is not a directory")
+
+
+def main(argv: list[str]) -> int:
+    parser = Parser(prog="qwen2vl serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint's folder name)")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    parser.add_argument("--max-request-mb", type=float, default=64, help="request body size cap (default 64)")
+    add_serving_options(parser)
+    args = parser.parse_args(argv)
+    check_serving_options(args)
+    if args.max_queue < 1:
+        raise UserError(f"--max-queue must be >= 1, got {args.max_queue}")
+
+    import uvicorn
+
+    from .app import ServeSettings, create_app
+
+    engine = load_engine(args)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model or "qwen2vl-nano"))
+    settings = ServeSettings(
+        model_name=name, max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+        default_max_tokens=args.default_max_tokens, max_media_items=args.max_media_items,
+        max_request_bytes=int(args.max_request_mb * (1 << 20)), allowed_media_dir=args.allowed_media_dir,
+        allow_remote_media=args.allow_remote_media, remote_timeout_s=args.remote_timeout,
+        max_remote_bytes=int(args.max_remote_mb * (1 << 20)), max_image_pixels=args.max_image_pixels)
+    if not _is_loopback(args.host):
+        print(f"qwen2vl serve: warning: binding to {args.host}; the server has no authentication", file=sys.stderr)
+    print(f"qwen2vl serve: {name} on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,183 @@
+"""Bad requests: each gets OpenAI's error JSON with the right status and a message naming the problem,
+and the server goes on answering normal requests."""
+
+import base64
+import io
+import json
+import struct
+import zlib
+
+import httpx
+import pytest
+from engine_helpers import build_checkpoint, write_image
+from PIL import Image
+from serve_helpers import ServerThread, data_url
+
+from qwen2vl.generation.engine import Engine
+from qwen2vl.serve.app import ServeSettings, create_app
+
+MAX_BODY = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_errors")
+    build_checkpoint(root / "model")
+    (root / "media").mkdir()
+    write_image(root / "media" / "ok.png", (64, 48))
+    write_image(root / "secret.png", (64, 48))
+    (root / "media" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x17" * 300)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    engine = Engine.from_pretrained(root / "model")
+    settings = ServeSettings(model_name="tiny", max_batch=4, max_media_items=3, max_request_bytes=MAX_BODY,
+                             allowed_media_dir=str(root / "media"), max_image_pixels=1_000_000)
+    with ServerThread(create_app(engine, settings)) as server:
+        yield server
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (never decoded by a careful server)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def b64(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def msg(*parts):
+    return {"messages": [{"role": "user", "content": list(parts)}], "max_tokens": 2}
+
+
+def image(url, **options):
+    return {"type": "image_url", "image_url": {"url": url}, **options}
+
+
+TEXT = {"type": "text", "text": "hi"}
+OK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def with_(**fields):
+    return {**OK, **fields}
+
+
+def png_bytes(size=(8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# (name, body: dict or raw bytes, status, code, a phrase the message must contain)
+CASES = [
+    ("not json", b"{not json", 400, "invalid_json", "not valid JSON"),
+    ("empty body", b"", 400, "invalid_json", "not valid JSON"),
+    ("not utf-8", b"\xff\xfe{", 400, "invalid_json", "not valid JSON"),
+    ("json array", b"[1, 2]", 422, "invalid_type", "must be a JSON object"),
+    ("missing messages", {"max_tokens": 3}, 422, "missing_field", "messages is required"),
+    ("messages not a list", {"messages": "hi"}, 422, "invalid_type", "messages must be a list"),
+    ("empty messages", {"messages": []}, 400, "invalid_value", "must not be empty"),
+    ("message not an object", {"messages": ["hi"]}, 422, "invalid_type", "messages[0] must be an object"),
+    ("missing role", {"messages": [{"content": "hi"}]}, 422, "missing_field", "messages[0].role is required"),
+    ("role not a string", {"messages": [{"role": 3, "content": "hi"}]}, 422, "invalid_type", "role must be a string"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "'wizard'"),
+    ("user without content", {"messages": [{"role": "user"}]}, 422, "missing_field", "content is required"),
+    ("content a number", {"messages": [{"role": "user", "content": 5}]}, 422, "invalid_type", "content must be"),
+    ("part not an object", msg("hi"), 422, "invalid_type", "content[0] must be an object"),
+    ("part without type", msg({"text": "hi"}), 422, "missing_field", "content[0].type is required"),
+    ("unknown part type", msg({"type": "audio", "audio": "x"}), 400, "unknown_part_type", "unknown type 'audio'"),
+    ("text not a string", msg({"type": "text", "text": ["a"]}), 422, "invalid_type", "text must be a string"),
+    ("image_url missing", msg({"type": "image_url"}), 422, "missing_field", "content[0].image_url is required"),
+    ("image_url without url", msg({"type": "image_url", "image_url": {}}), 422, "missing_field", "url is required"),
+    ("url not a string", msg(image(42)), 422, "invalid_type", "must be a string"),
+    ("invalid base64", msg(image("data:image/png;base64,@@@not-base64@@@")), 400, "invalid_media", "invalid base64"),
+    ("data url without base64", msg(image("data:image/png,abc")), 400, "invalid_media", "data URL must be"),
+    ("undecodable image", msg(image(b64(b"this is not an image at all"))), 400, "invalid_media", "cannot decode image"),
+    ("truncated png", msg(image(b64(png_bytes()[:40])), TEXT), 400, "invalid_media", "cannot decode image"),
+    ("decompression bomb", msg(image(b64(png_bomb()))), 413, "image_too_large", "too large"),
+    ("image over the pixel cap", msg(image(b64(png_bomb(2000, 1000)))), 413, "image_too_large",
+     "over the limit of 1000000"),
+    ("local file outside the media dir", msg({"type": "image", "image": "../secret.png"}), 403, "media_not_allowed",
+     "outside the allowed media directory"),
+    ("absolute path outside", msg({"type": "image", "image": "/etc/passwd"}), 403, "media_not_allowed",
+     "outside the allowed media directory"),
+    ("file url outside", msg(image("file:///etc/hostname")), 403, "media_not_allowed", "outside"),
+    ("missing local file", msg({"type": "image", "image": "nope.png"}), 400, "media_not_found", "file not found"),
+    ("remote url not allowed", msg(image("https://example.com/cat.png")), 403, "remote_media_disabled",
+     "--allow-remote-media"),
+    ("unsupported scheme", msg(image("ftp://example.com/cat.png")), 400, "invalid_value", "unsupported URL scheme"),
+    ("undecodable video", msg({"type": "video", "video": "broken.mp4"}, TEXT), 400, "invalid_media", "video 1"),
+    ("empty frame list", msg({"type": "video", "video": []}), 400, "invalid_value", "empty list of frames"),
+    ("too many media items", msg(*[{"type": "image", "image": "ok.png"}] * 4), 413, "too_many_media_items",
+     "over the limit of 3"),
+    ("media option mistyped", msg(image(b64(png_bytes()), max_pixels="big")), 422, "invalid_type",
+     "max_pixels must be a number"),
+    ("media option negative", msg(image(b64(png_bytes()), max_pixels=-5)), 400, "invalid_media", "max_pixels=-5"),
+    ("min above max pixels", msg(image(b64(png_bytes()), min_pixels=9000, max_pixels=4000)), 400, "invalid_media",
+     "above max_pixels"),
+    ("placeholder in text", msg({"type": "text", "text": "<|image_pad|>"}), 400, "invalid_media", "<|image_pad|>"),
+    ("prompt over the context", with_(messages=[{"role": "user", "content": "word " * 6000}]), 400,
+     "context_length_exceeded", "over the budget"),
+    ("max_tokens over the context", with_(max_tokens=5000), 400, "context_length_exceeded", "no room for a prompt"),
+    ("max_tokens zero", with_(max_tokens=0), 400, "invalid_value", "max_tokens must be an integer >= 1"),
+    ("max_tokens a string", with_(max_tokens="10"), 422, "invalid_type", "max_tokens must be an integer"),
+    ("max_tokens a float", with_(max_tokens=2.5), 422, "invalid_type", "max_tokens must be an integer"),
+    ("negative temperature", with_(temperature=-1), 400, "invalid_value", "temperature must be a number >= 0"),
+    ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "invalid_value", "finite"),
+    ("temperature a string", with_(temperature="hot"), 422, "invalid_type", "temperature must be a number"),
+    ("top_p zero", with_(top_p=0), 400, "invalid_value", "top_p must be a number in (0, 1]"),
+    ("top_p above one", with_(top_p=1.5), 400, "invalid_value", "top_p"),
+    ("top_k below -1", with_(top_k=-3), 400, "invalid_value", "top_k"),
+    ("top_k a float", with_(top_k=1.5), 422, "invalid_type", "top_k must be an integer"),
+    ("repetition_penalty zero", with_(repetition_penalty=0), 400, "invalid_value", "repetition_penalty"),
+    ("seed a string", with_(seed="x"), 422, "invalid_type", "seed must be an integer"),
+    ("stop a number", with_(stop=5), 422, "invalid_type", "stop must be a string or a list"),
+    ("empty stop string", with_(stop=[""]), 400, "invalid_value", "must not be empty"),
+    ("n = 2", with_(n=2), 400, "invalid_value", "n must be 1"),
+    ("stream not a bool", with_(stream="yes"), 422, "invalid_type", "stream must be true or false"),
+    ("unknown argument", with_(temprature=0.5), 400, "unknown_parameter", "temprature"),
+    ("tools unsupported", with_(tools=[]), 400, "unsupported_parameter", "tools"),
+    ("frequency penalty", with_(frequency_penalty=0.5), 400, "invalid_value", "use repetition_penalty"),
+    ("unknown model", with_(model="gpt-4"), 404, "model_not_found", "'gpt-4'"),
+    ("body too large", {"messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]}, 413, "request_too_large",
+     "over the limit"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,code,phrase", CASES, ids=[c[0] for c in CASES])
+def test_bad_request(server, name, body, status, code, phrase):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert phrase in error["message"]
+    assert error["type"] == {403: "permission_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+
+
+def test_other_routes_and_methods_answer_in_openai_json(server):
+    r = httpx.get(f"{server.url}/v1/chat/completions")
+    assert r.status_code == 405 and "message" in r.json()["error"]
+    r = httpx.get(f"{server.url}/v1/nothing-here")
+    assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+def test_server_still_answers_after_the_bad_requests(root, server):
+    health = server.health()
+    assert health["status"] == "ok" and health["active"] == health["waiting"] == health["reserved"] == 0
+    body = {"messages": [{"role": "user", "content": [image(data_url(root / "media" / "ok.png", "image/png")),
+                                                      {"type": "image", "image": "ok.png"}, TEXT]}],
+            "max_tokens": 4, "stream": True}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=OK, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
