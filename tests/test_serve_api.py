@@ -20,6 +20,21 @@ MODEL = "tiny"
 WORDS = ["apple", "river", "cloud", "stone", "violin", "garden", "rocket", "mirror"]
 
 
+class GatedEngine(Engine):
+    """An engine whose prefill waits while its gate is closed, to line requests up deterministically."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.at_gate = threading.Event()  # set once a prefill has reached the gate
+
+    def prefill(self, *args, **kwargs):
+        self.at_gate.set()
+        assert self.gate.wait(60)
+        return super().prefill(*args, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -33,7 +48,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(root):
-    return Engine.from_pretrained(root / "model")
+    return GatedEngine.from_pretrained(root / "model")
 
 
 @pytest.fixture(scope="module")
@@ -149,28 +164,34 @@ def test_32_concurrent_streams_each_equal_to_its_single_answer(engine, server):
     before = server.health()
 
     async def one(client, i):
-        stream = await client.chat.completions.create(
-            model=MODEL, messages=user(text(prompts[i])), max_tokens=lengths[i], stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-        pieces, usage, finish = [], None, None
-        async for chunk in stream:
-            usage = chunk.usage or usage
-            for choice in chunk.choices:
-                pieces.append(choice.delta.content or "")
-                finish = choice.finish_reason or finish
-        return "".join(pieces), finish, usage
+        body = {"model": MODEL, "messages": user(text(prompts[i])), "max_tokens": lengths[i], "stream": True,
+                "stream_options": {"include_usage": True}, "ignore_eos": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            payloads = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert payloads[-1] == "[DONE]"
+        chunks = [json.loads(p) for p in payloads[:-1]]
+        pieces = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+        return "".join(pieces), finish, chunks[-1]["usage"]
 
     async def main():
-        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
-        return await asyncio.gather(*(one(client, i) for i in range(32)))
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            engine.gate.clear()  # the first request holds the model in its prefill until all 32 are queued
+            streams = [asyncio.create_task(one(client, i)) for i in range(32)]
+            try:
+                await asyncio.to_thread(server.wait_for, lambda h: h["admitting"] + h["waiting"] == 32)
+            finally:
+                engine.gate.set()
+            return await asyncio.gather(*streams)
 
     results = asyncio.run(main())
     for (answer, finish, usage), want in zip(results, expected):
         assert answer == want.text
-        assert finish == "length" and usage.completion_tokens == want.completion_tokens
+        assert finish == "length" and usage["completion_tokens"] == want.completion_tokens
     after = server.health()
     assert after["completed"] - before["completed"] == 32
-    assert after["peak_batch"] == 16  # rows really were decoded together
+    assert after["peak_batch"] == 16  # 1 row, then 15 more joined it between two steps
     assert after["active"] == after["waiting"] == 0
 
 
@@ -189,25 +210,16 @@ def test_disconnect_frees_the_row_at_once(server):
     assert r.status_code == 200
 
 
-class GatedEngine(Engine):
-    """An engine whose prefill waits until the test opens the gate (to fill the queue deterministically)."""
-
-    gate = threading.Event()
-
-    def prefill(self, *args, **kwargs):
-        self.gate.wait(60)
-        return super().prefill(*args, **kwargs)
-
-
 def test_full_queue_answers_429_and_recovers(root):
     engine = GatedEngine.from_pretrained(root / "model")
+    engine.gate.clear()
     settings = ServeSettings(model_name=MODEL, max_batch=1, max_queue=2)
     body = {"messages": user(text("Hi")), "max_tokens": 3}
     with ServerThread(create_app(engine, settings)) as server:
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 first = asyncio.create_task(client.post("/v1/chat/completions", json=body))
-                await asyncio.to_thread(server.wait_for, lambda h: h["waiting"] == 0 and h["reserved"] == 0)
+                assert await asyncio.to_thread(engine.at_gate.wait, 60)  # the first request holds the only row
                 queued = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(2)]
                 await asyncio.to_thread(server.wait_for, lambda h: h["waiting"] == 2)
                 refused = await client.post("/v1/chat/completions", json=body)
@@ -256,9 +268,8 @@ def test_a_dead_scheduler_answers_503_not_silence(root, engine):
     scheduler = Scheduler(engine, max_batch=1)
     scheduler.max_len = 1 << 50  # its cache cannot be allocated: the thread stops at once
     with ServerThread(create_app(engine, ServeSettings(model_name=MODEL), scheduler)) as server:
+        server.wait_for(lambda h: h["fault"] is not None)
         r = httpx.get(f"{server.url}/health")
-        while r.json()["fault"] is None:
-            r = httpx.get(f"{server.url}/health")
         assert r.status_code == 503 and r.json()["status"] == "error"
         r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": user(text("Hi")), "max_tokens": 2})
         assert r.status_code == 503 and "scheduler stopped" in r.json()["error"]["message"]

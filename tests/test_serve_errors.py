@@ -2,9 +2,12 @@
 and the server goes on answering normal requests."""
 
 import base64
+import functools
+import http.server
 import io
 import json
 import struct
+import threading
 import zlib
 
 import httpx
@@ -13,6 +16,7 @@ from engine_helpers import build_checkpoint, write_image
 from PIL import Image
 from serve_helpers import ServerThread, data_url
 
+from qwen2vl.cli import main as cli_main
 from qwen2vl.generation.engine import Engine
 from qwen2vl.serve.app import ServeSettings, create_app
 
@@ -181,3 +185,36 @@ def test_server_still_answers_after_the_bad_requests(root, server):
     assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
     r = httpx.post(f"{server.url}/v1/chat/completions", json=OK, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_remote_media_when_allowed_with_a_size_cap(root, tmp_path):
+    """--allow-remote-media: a small image over http is fetched; one over --max-remote-mb is refused (413)."""
+    (tmp_path / "small.png").write_bytes(png_bytes())
+    (tmp_path / "big.png").write_bytes(png_bytes((64, 64)) + b"\0" * 4000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    engine = Engine.from_pretrained(root / "model")
+    settings = ServeSettings(model_name="tiny", allow_remote_media=True, max_remote_bytes=3000)
+    try:
+        with ServerThread(create_app(engine, settings)) as server:
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=msg(image(f"{base}/small.png"), TEXT), timeout=60)
+            assert r.status_code == 200, r.text
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=msg(image(f"{base}/big.png"), TEXT), timeout=60)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "media_too_large"
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=msg(image(f"{base}/none.png"), TEXT), timeout=60)
+            assert r.status_code == 400 and "cannot download" in r.json()["error"]["message"]
+    finally:
+        files.shutdown()
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--allowed-media-dir", "/no/such/dir"], "is not a directory"),
+    (["--port", "eighty"], "invalid int value"),
+])
+def test_serve_command_line_errors_are_one_line(root, capsys, args, phrase):
+    assert cli_main(["serve", "--model", str(root / "model"), *args]) == 2
+    assert phrase in capsys.readouterr().err

@@ -85,6 +85,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._reserved = 0
+        self._admitting: list[Job] = []  # taken from the queue, being prefilled
         self._active: list[Job] = []  # index = cache row
         self._cache: KVCache | None = None
         self._deltas: torch.Tensor | None = None
@@ -151,7 +152,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"active": len(self._active), "waiting": len(self._waiting), "reserved": self._reserved,
+            return {"active": len(self._active), "admitting": len(self._admitting), "waiting": len(self._waiting),
+                    "reserved": self._reserved,
                     "max_batch": self.max_batch, "max_queue": self.max_queue, "max_model_len": self.max_len,
                     "fault": self.fault, **self.counters}
 
@@ -166,8 +168,8 @@ class Scheduler:
             reason = f"{type(err).__name__}: {err}"
             self.fault = reason
         with self._cond:
-            left = self._active + list(self._waiting)
-            self._active, self._waiting = [], deque()
+            left = self._admitting + self._active + list(self._waiting)
+            self._admitting, self._active, self._waiting = [], [], deque()
         for job in left:
             self._fail(job, reason)
 
@@ -181,11 +183,12 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     return
-                admit = []
-                while self._waiting and len(self._active) + len(admit) < self.max_batch:
-                    admit.append(self._waiting.popleft())
-            for job in admit:
-                self._admit(job)
+                while self._waiting and len(self._active) + len(self._admitting) < self.max_batch:
+                    self._admitting.append(self._waiting.popleft())
+            while self._admitting:
+                self._admit(self._admitting[0])
+                with self._cond:
+                    self._admitting.pop(0)
             self._drop_cancelled()
             if self._active:
                 self._step()
