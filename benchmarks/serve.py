@@ -21,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def wait_healthy(url: str, server: subprocess.Popen) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="serve this checkpoint instead of building a random one")
-    p.add_argument("--dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "qwen2vl-serve-bench"))
+    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "qwen2vl-serve-bench"))
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--dtype")
     p.add_argument("--device", default="cpu")
