@@ -5,7 +5,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests use tiny models, for which one thread is fastest; it also keeps the subprocesses that
+# several tests start from fighting over the cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,8 @@ be reset and be refilled on their own (continuous batching).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..config import TextConfig
@@ -50,6 +52,15 @@ class KVCache:
         own = keys == slots.unsqueeze(-1)  # (B, T, S)
         visible = self.valid[:, None, : self.view_len] & (keys <= slots.unsqueeze(-1))
         return (visible | own).unsqueeze(1)
+
+    def narrow(self, rows: int) -> KVCache:
+        """The first ``rows`` rows as a cache sharing this one's storage (writes go through)."""
+        view = copy.copy(self)
+        view.k = [t[:rows] for t in self.k]
+        view.v = [t[:rows] for t in self.v]
+        view.valid = self.valid[:rows]
+        view.lengths = self.lengths[:rows]
+        return view
 
     def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
         self.valid[rows] = False

@@ -20,7 +20,6 @@ waiting job.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -62,16 +61,6 @@ class Job:
     @property
     def prompt_tokens(self) -> int:
         return int(self.batch["input_ids"].shape[1])
-
-
-def rows_view(cache: KVCache, rows: int) -> KVCache:
-    """The first ``rows`` rows of ``cache`` as a cache sharing its storage (every write goes through)."""
-    view = copy.copy(cache)
-    view.k = [t[:rows] for t in cache.k]
-    view.v = [t[:rows] for t in cache.v]
-    view.valid = cache.valid[:rows]
-    view.lengths = cache.lengths[:rows]
-    return view
 
 
 class Scheduler:
@@ -227,7 +216,7 @@ class Scheduler:
         rows = len(self._active)
         try:
             tokens = torch.tensor([job.token for job in self._active], device=self.engine.device)
-            logits = self.engine.decode_step(tokens, self._deltas[:rows], rows_view(self._cache, rows), padded=True)
+            logits = self.engine.decode_step(tokens, self._deltas[:rows], self._cache.narrow(rows), padded=True)
             chosen = sample_rows(logits, [job.seq.sampler for job in self._active])
         except Exception as err:
             log.exception("decode step failed")
