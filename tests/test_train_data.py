@@ -169,3 +169,14 @@ def test_sample_encoding_is_deterministic(tmp_path, processor):
     data = Dataset([make_color_data(tmp_path)], encoder(processor, 256), 256, Dist())
     a, b = data.sample(3), data.sample(3)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
+
+
+@pytest.mark.parametrize("name", ["stage1", "stage2", "stage3", "lora-2b"])
+def test_example_configs_are_valid(name):
+    from pathlib import Path
+
+    opts = load_options(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml", {})
+    for world in (1, 2, 4, 8):
+        opts.validate(world_size=world)
+    assert opts.stage == (1 if name == "stage1" else 2 if name == "stage2" else 3)
+    assert opts.lora.enabled == (name == "lora-2b")

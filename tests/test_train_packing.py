@@ -81,10 +81,10 @@ def test_positions_restart_per_sample(model):
     assert batch.targets[0, 4] == IGNORE
 
 
-def test_vision_every_step_keeps_text_only_loss_unchanged(model):
+def test_lockstep_keeps_text_only_loss_unchanged(model):
     batch = collate([[make_sample([6], 4, seed=3)]], model.config)
     plain = LossModel(model)(batch)
-    with_blank = LossModel(model, vision_every_step=True)(batch)
+    with_blank = LossModel(model, lockstep=True)(batch)
     assert torch.equal(plain, with_blank)
     model.zero_grad(set_to_none=True)
     with_blank.backward()

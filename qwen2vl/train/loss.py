@@ -21,21 +21,25 @@ from .packing import IGNORE, PackedBatch
 class LossModel(nn.Module):
     """``forward(batch) -> loss_sum`` (float32 scalar): the sum, not the mean, of token losses.
 
-    With ``vision_every_step`` the vision tower runs on every call, on a blank 1-item input when
-    the batch has no media, and joins the graph with weight zero: under FSDP every process must
-    run the same collectives (each vision block's all-gather and reduce-scatter) in every step.
+    ``lockstep`` (under FSDP) makes every process run the same collectives in the same order
+    whatever its rows hold: the vision tower runs on every call (on a blank 1-item input joined to
+    the loss with weight zero when the rows have no media), and the decoder input always requires
+    grad, so every decoder layer's backward (and its reduce-scatter) runs right after its forward's
+    mirror image, even when the embeddings are frozen and the rows hold no trainable vision features.
     """
 
-    def __init__(self, net: nn.Module, vision_every_step: bool = False, chunk_tokens: int = 2048):
+    def __init__(self, net: nn.Module, lockstep: bool = False, chunk_tokens: int = 2048):
         super().__init__()
         self.net = net
-        self.vision_every_step = vision_every_step
+        self.lockstep = lockstep
         self.chunk_tokens = chunk_tokens
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         net = self.net
         image_embeds, video_embeds, zero = self._vision(batch)
-        x = net.embed(batch.input_ids, image_embeds, video_embeds)
+        x = net.embed(batch.input_ids, image_embeds, video_embeds)  # (B, T, H)
+        if self.lockstep and torch.is_grad_enabled() and not x.requires_grad:
+            x.requires_grad_(True)
         mask = attention_mask_from_segments(batch.segment_ids)
         hidden = net.decode(x, batch.position_ids, mask)  # (B, T, H)
         loss = supervised_loss_sum(hidden, batch.targets, net.lm_head, self.chunk_tokens)
@@ -47,7 +51,7 @@ class LossModel(nn.Module):
         pixels = [p for p in (batch.pixel_values, batch.pixel_values_videos) if p is not None]
         grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None]
         if not pixels:
-            if not self.vision_every_step:
+            if not self.lockstep:
                 return None, None, None
             m = net.config.vision.spatial_merge_size
             blank = torch.zeros(m * m, net.config.vision.patch_dim, device=batch.input_ids.device)

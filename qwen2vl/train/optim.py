@@ -35,23 +35,24 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 @torch.no_grad()
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """Global L2 norm of the gradients (over all shards); scales them down to ``max_norm`` if above.
 
-    ``max_norm <= 0`` only measures. Sharded (DTensor) gradients reduce their norms across processes.
+    ``max_norm <= 0`` only measures. FSDP2 gradients are DTensors sharded over the processes: their
+    local shards partition each gradient, so one all-reduce of the local sums of squares gives the norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    squares = [_local(torch.linalg.vector_norm(g, dtype=torch.float32)) ** 2 for g in grads]
-    total = float(torch.stack(squares).sum().sqrt())
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in local]).sum()
+    if any(hasattr(g, "to_local") for g in grads):
+        import torch.distributed as dist
+        dist.all_reduce(squares)
+    total = float(squares.sqrt())
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
-        for g in grads:
+        for g in local:
             g.mul_(scale)
     return total

@@ -97,7 +97,7 @@ class Trainer:
             add_lora(model, self.lora_config, seed=opts.seed)
         apply_freezing(model, trainable, adapted)
         model.visual.gradient_checkpointing = model.model.gradient_checkpointing = opts.gradient_checkpointing
-        self.loss_model = LossModel(model, vision_every_step=d.sharded).to(d.device).train()
+        self.loss_model = LossModel(model, lockstep=d.sharded).to(d.device).train()
         if d.sharded:
             shard(self.loss_model)
         self.lrs = learning_rates(opts)

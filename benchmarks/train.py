@@ -1,0 +1,223 @@
+"""Training throughput: ours (packed, and one sample per row) against transformers (+ peft for LoRA).
+
+    python benchmarks/train.py                                  # this CPU: small shape, LoRA and full
+    python benchmarks/train.py --mode lora --steps 3
+    python benchmarks/train.py --device cuda --shape 2b --gradient-checkpointing   # a GPU, bf16 autocast
+
+Every engine loads the same random checkpoint (written once to --dir): ``small`` is a 4-layer
+Qwen2-VL with the real 151936-word vocabulary, ``2b`` the released 2B shape. Each trains on the
+same 12 samples (8 with an image of 64-80 merged tokens, 4 text only; answers supervised), one
+optimizer step per timing: forward, backward, AdamW, float32 master weights (bf16 autocast on a
+GPU). LoRA: r 16 on q/k/v/o/gate/up/down of the LLM, everything else frozen. Full: all weights.
+transformers gets the samples as one padded batch with labels (its standard training input);
+ours gets them packed into --seq-len rows and, for a like-for-like view, one sample per row.
+Tokens/s counts real tokens (no padding). Each engine runs in its own subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+SHAPE = dict(vocab_size=151936, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, tie_word_embeddings=True, mrope_section=[8, 12, 12],
+             vision=dict(depth=4, embed_dim=256, num_heads=4))
+IMAGE, VSTART, VEND = 151655, 151652, 151653
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GRIDS = [(1, 16, 16), (1, 16, 20), (1, 20, 16), (1, 16, 16)]
+
+
+def build(directory: Path, shape: str) -> None:
+    from qwen2vl import Qwen2VL
+    from qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig, preset
+    if shape == "2b":
+        config = preset("qwen2-vl-2b")
+    else:
+        spec = dict(SHAPE)
+        vision = VisionConfig(**spec.pop("vision"), hidden_size=spec["hidden_size"])
+        config = Qwen2VLConfig(text=TextConfig(rms_norm_eps=1e-6, **spec), vision=vision, torch_dtype="float32")
+    Qwen2VL.from_config(config, seed=0).save_pretrained(directory)
+
+
+def autocast(device: str):
+    """bf16 autocast on a GPU; float32 on the CPU."""
+    import contextlib
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+def peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def samples(n: int = 12) -> list[SimpleNamespace]:
+    """Deterministic samples: prompt (with an image for 2 in 3), then a supervised answer."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(0, 150000, (24 + (7 * i) % 40,), generator=gen).tolist()
+        answer = torch.randint(0, 150000, (16 + 8 * (i % 3),), generator=gen).tolist()
+        grid = GRIDS[i % 4] if i % 3 != 2 else None
+        vision = [VSTART] + [IMAGE] * (grid[0] * grid[1] * grid[2] // 4) + [VEND] if grid else []
+        ids = torch.tensor(prompt[:8] + vision + prompt[8:] + answer)
+        labels = torch.full_like(ids, -100)
+        labels[-len(answer):] = ids[-len(answer):]
+        pixels = torch.randn(grid[0] * grid[1] * grid[2], 1176, generator=gen) if grid else None
+        out.append(SimpleNamespace(input_ids=ids, labels=labels, pixel_values=pixels,
+                                   image_grid_thw=torch.tensor([grid]) if grid else None,
+                                   pixel_values_videos=None, video_grid_thw=None))
+    return out
+
+
+def timed_steps(step, steps: int, device: str) -> float:
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up (allocations, first-call paths)
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_ours(directory: Path, mode: str, packed: bool, args) -> dict:
+    from qwen2vl import Qwen2VL
+    from qwen2vl.train.lora import add_lora, lora_config
+    from qwen2vl.train.loss import LossModel
+    from qwen2vl.train.options import LoraOptions
+    from qwen2vl.train.packing import collate, pack_in_order
+    from qwen2vl.train.stages import apply_freezing
+
+    model = Qwen2VL.from_pretrained(directory, dtype=torch.float32, device=args.device).train()
+    model.visual.gradient_checkpointing = model.model.gradient_checkpointing = args.gradient_checkpointing
+    if mode == "lora":
+        add_lora(model, lora_config(model, LoraOptions(r=16, alpha=32, target_modules=LORA_TARGETS)), seed=0)
+        apply_freezing(model, {"llm"}, {"llm"})
+    wrapper = LossModel(model)
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    data = samples()
+    lengths = [int(s.input_ids.numel()) for s in data]
+    rows = pack_in_order(lengths, list(range(len(data))), args.seq_len) if packed else [[i] for i in range(len(data))]
+    batch = collate([[data[i] for i in row] for row in rows], model.config).to(args.device)
+    supervised = batch.supervised
+
+    def step():
+        with autocast(args.device):
+            loss = wrapper(batch) / supervised
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed_steps(step, args.steps, args.device)
+    return {"tokens": sum(lengths), "rows": len(rows), "width": batch.input_ids.shape[1], "step_s": seconds,
+            "trainable": sum(p.numel() for p in params), "peak_gb": peak_memory_gb(args.device)}
+
+
+def run_transformers(directory: Path, mode: str, args) -> dict:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa",
+                                                            device_map=args.device).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    data = samples()
+    width = max(int(s.input_ids.numel()) for s in data)
+    ids = torch.zeros(len(data), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for r, s in enumerate(data):  # right padding, as transformers training does
+        n = s.input_ids.numel()
+        ids[r, :n], mask[r, :n], labels[r, :n] = s.input_ids, 1, s.labels
+    pixels = torch.cat([s.pixel_values for s in data if s.pixel_values is not None])
+    grids = torch.cat([s.image_grid_thw for s in data if s.image_grid_thw is not None])
+    tokens = int(mask.sum())
+    ids, mask, labels, pixels, grids = (t.to(args.device) for t in (ids, mask, labels, pixels, grids))
+
+    def step():
+        with autocast(args.device):
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids, labels=labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed_steps(step, args.steps, args.device)
+    return {"tokens": tokens, "rows": len(data), "width": width, "step_s": seconds,
+            "trainable": sum(p.numel() for p in params), "peak_gb": peak_memory_gb(args.device)}
+
+
+def child(args) -> None:
+    torch.manual_seed(0)
+    directory = Path(args.dir)
+    if args.engine == "transformers":
+        result = run_transformers(directory, args.mode, args)
+    else:
+        result = run_ours(directory, args.mode, args.engine == "ours-packed", args)
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["lora", "full", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=6, help="measured steps (median reported) after one warm-up")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row (ours)")
+    parser.add_argument("--shape", choices=["small", "2b"], default="small")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--dir", default=None, help="where the random checkpoint is written (default: a temp dir)")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.engine:
+        return child(args)
+    directory = Path(args.dir or tempfile.mkdtemp(prefix="qwen2vl-train-bench-"))
+    if not (directory / "config.json").is_file():
+        build(directory, args.shape)
+    modes = ["lora", "full"] if args.mode == "both" else [args.mode]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"torch {torch.__version__}, {where}, shape {args.shape}, gradient checkpointing {args.gradient_checkpointing}")
+    print(f"{'mode':<5} {'engine':<22} {'rows x width':>13} {'tokens':>7} {'step s':>8} {'tokens/s':>9} {'peak GB':>8}")
+    for mode in modes:
+        results = {}
+        for engine in ("transformers", "ours-padded", "ours-packed"):
+            cmd = [sys.executable, __file__, "--engine", engine, "--mode", mode, "--steps", str(args.steps),
+                   "--seq-len", str(args.seq_len), "--dir", str(directory), "--device", args.device]
+            cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            r = results[engine] = json.loads(out)
+            rate = r["tokens"] / r["step_s"]
+            label = {"transformers": "transformers + peft" if mode == "lora" else "transformers"}.get(engine, engine)
+            print(f"{mode:<5} {label:<22} {r['rows']:>5} x {r['width']:<5} {r['tokens']:>7} {r['step_s']:>8.3f} "
+                  f"{rate:>9.0f} {r['peak_gb']:>8.2f}")
+        base = results["transformers"]["tokens"] / results["transformers"]["step_s"]
+        for engine in ("ours-padded", "ours-packed"):
+            rate = results[engine]["tokens"] / results[engine]["step_s"]
+            print(f"{mode:<5} {engine} / transformers: {rate / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
