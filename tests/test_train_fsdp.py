@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,16 @@ def compare_fsdp_with_single(tmp_path, data: Path, fsdp_only: dict, **common) ->
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_DISTRIBUTED_DEBUG="DETAIL")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "qwen2vl", "train", *train_args(tmp_path, data, tmp_path / "fsdp", eval_data=data, **fsdp_only, **common)]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 2 process(es)" in result.stdout
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a hang is cleaned up whole
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "on 2 process(es)" in stdout
     assert main(train_args(tmp_path, data, tmp_path / "single", eval_data=data, **common)) == 0
 
     sharded, single = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("fsdp", "single"))

@@ -11,8 +11,10 @@ number of processes or micro-steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,11 +73,12 @@ def check_tokenizer(tokenizer, config: Qwen2VLConfig) -> None:
 class Trainer:
     def __init__(self, opts: TrainOptions, d: Dist):
         opts.validate(d.world_size)
+        trainable, adapted = trainable_parts(opts), lora_parts(opts)  # option errors before any loading
         self.opts, self.d = opts, d
         self.out = Path(opts.output_dir)
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "options.json").write_text(json.dumps(_as_dict(opts), indent=2) + "\n")
+            (self.out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2) + "\n")
         torch.manual_seed(opts.seed)
         model, processor, self.source = load_model_and_processor(opts)
         self.config = model.config
@@ -90,7 +93,6 @@ class Trainer:
         self.eval_data = Dataset(opts.eval_data, encode, opts.seq_len, d, opts.on_bad_record) if opts.eval_data else None
         self._report_bad()
 
-        trainable, adapted = trainable_parts(opts), lora_parts(opts)
         self.lora_config = None
         if adapted:
             self.lora_config = lora_config(model, opts.lora)
@@ -150,62 +152,76 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def fit(self) -> dict:
         opts, d = self.opts, self.d
-        per_process = opts.batch_size // d.world_size
-        micro = per_process // opts.grad_accum
         stream = PackedStream(self.train_data.lengths, opts.seq_len, opts.seed, opts.shuffle)
         metrics = MetricsLog(self.out / "metrics.jsonl", self.step) if d.main else None
         self.log(f"training {self.n_trainable:,} parameters on {d.world_size} process(es), "
                  f"{opts.batch_size} x {opts.seq_len}-token rows per step, steps {self.step + 1}..{opts.max_steps}")
         bar = progress_bar(opts.max_steps, self.step, opts.progress and d.main)
         started, run_tokens, last = time.perf_counter(), 0, {}
-        for step in range(self.step, opts.max_steps):
-            t0 = time.perf_counter()
-            rows = stream.rows(step * opts.batch_size, opts.batch_size)
-            supervised = sum(self.train_data.supervised[i] for _, row in rows for i in row)
-            tokens = sum(self.train_data.lengths[i] for _, row in rows for i in row)
-            mine = rows[d.rank * per_process:(d.rank + 1) * per_process]
-            factor = lr_factor(step, opts.warmup_steps, opts.max_steps, opts.min_lr_ratio)
-            set_lr(self.optimizer, factor)
-            loss_sum = 0.0
-            for k in range(opts.grad_accum):
-                chunk = mine[k * micro:(k + 1) * micro]
-                batch = self._batch(self.train_data, [row for _, row in chunk])
-                if d.sharded:
-                    self.loss_model.set_requires_gradient_sync(k == opts.grad_accum - 1)
-                with self.autocast():
-                    part = self.loss_model(batch)
-                # FSDP averages gradients over processes: scale by the process count to get the sum
-                (part * (d.world_size / supervised)).backward()
-                loss_sum += part.item()
-            grad_norm = clip_grad_norm(self.trainable, opts.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = all_sum(d, [loss_sum])[0] / supervised
-            elapsed = time.perf_counter() - t0
-            run_tokens += tokens
-            last = {"step": step + 1, "loss": loss, "lr": opts.lr * factor, "grad_norm": grad_norm,
-                    "tokens": tokens, "supervised_tokens": supervised, "tokens_per_s": tokens / elapsed,
-                    "epoch": rows[-1][0], "step_s": elapsed}
-            if self.eval_data is not None and self._due(step + 1, opts.eval_every):
-                last["eval_loss"] = self.evaluate()
-            if metrics is not None:
-                metrics.write(last)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run_tokens / (time.perf_counter() - started):.0f}",
-                                refresh=False)
-                bar.update(1)
-            if self._due(step + 1, opts.save_every):
-                save_checkpoint(self.out, step + 1, self.loss_model, self.optimizer, d, opts.keep_checkpoints)
+        # a worker thread encodes and packs the next step's rows while this one computes
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            upcoming = pool.submit(self._prepare, stream, self.step)
+            for step in range(self.step, opts.max_steps):
+                t0 = time.perf_counter()
+                epoch, tokens, supervised, batches = upcoming.result()
+                if step + 1 < opts.max_steps:
+                    upcoming = pool.submit(self._prepare, stream, step + 1)
+                factor = lr_factor(step, opts.warmup_steps, opts.max_steps, opts.min_lr_ratio)
+                set_lr(self.optimizer, factor)
+                loss, grad_norm = self._train_step(batches, supervised)
+                elapsed = time.perf_counter() - t0
+                run_tokens += tokens
+                last = {"step": step + 1, "loss": loss, "lr": opts.lr * factor, "grad_norm": grad_norm,
+                        "tokens": tokens, "supervised_tokens": supervised, "tokens_per_s": tokens / elapsed,
+                        "epoch": epoch, "step_s": elapsed}
+                if self.eval_data is not None and self._due(step + 1, opts.eval_every):
+                    last["eval_loss"] = self.evaluate()
+                if metrics is not None:
+                    metrics.write(last)
+                if bar is not None:
+                    rate = run_tokens / (time.perf_counter() - started)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", refresh=False)
+                    bar.update(1)
+                if self._due(step + 1, opts.save_every):
+                    save_checkpoint(self.out, step + 1, self.loss_model, self.optimizer, d, opts.keep_checkpoints)
         if bar is not None:
             bar.close()
         return self._finish(last)
 
+    def _prepare(self, stream: PackedStream, step: int):
+        """(epoch, global tokens, global supervised tokens, this process's micro-batches on the CPU)."""
+        opts, d, data = self.opts, self.d, self.train_data
+        rows = stream.rows(step * opts.batch_size, opts.batch_size)  # the global batch
+        tokens = sum(data.lengths[i] for _, row in rows for i in row)
+        supervised = sum(data.supervised[i] for _, row in rows for i in row)
+        per_process = opts.batch_size // d.world_size
+        micro = per_process // opts.grad_accum
+        mine = [row for _, row in rows[d.rank * per_process:(d.rank + 1) * per_process]]
+        batches = [self._collate(data, mine[k * micro:(k + 1) * micro]) for k in range(opts.grad_accum)]
+        return rows[-1][0], tokens, supervised, batches
+
+    def _train_step(self, batches: list, supervised: int) -> tuple[float, float]:
+        """Accumulate the micro-batches, clip, step: (global mean token loss, gradient norm)."""
+        d = self.d
+        loss_sum = torch.zeros((), device=d.device)
+        for k, batch in enumerate(batches):
+            if d.sharded:
+                self.loss_model.set_requires_gradient_sync(k == len(batches) - 1)
+            with self.autocast():
+                part = self.loss_model(batch.to(d.device))
+            # FSDP averages gradients over processes: scale by the process count to get the sum
+            (part * (d.world_size / supervised)).backward()
+            loss_sum += part.detach()
+        grad_norm = clip_grad_norm(self.trainable, self.opts.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return all_sum(d, [float(loss_sum)])[0] / supervised, grad_norm
+
     def _due(self, step: int, every: int) -> bool:
         return step == self.opts.max_steps or (every > 0 and step % every == 0)
 
-    def _batch(self, data: Dataset, rows: list[list[int]]):
-        samples = [[data.sample(i) for i in row] for row in rows]
-        return collate(samples, self.config, self.pad_id).to(self.d.device)
+    def _collate(self, data: Dataset, rows: list[list[int]]):
+        return collate([[data.sample(i) for i in row] for row in rows], self.config, self.pad_id)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -219,7 +235,7 @@ class Trainer:
         total = 0.0
         for k in range(calls):
             chunk = mine[k * micro:(k + 1) * micro]
-            batch = self._batch(data, chunk or rows[:1])
+            batch = self._collate(data, chunk or rows[:1]).to(d.device)
             with self.autocast():
                 value = self.loss_model(batch).item()
             total += value if chunk else 0.0
@@ -243,8 +259,3 @@ class Trainer:
             self.log("done: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in summary.items() if v is not None))
         return summary
-
-
-def _as_dict(opts: TrainOptions) -> dict:
-    import dataclasses
-    return dataclasses.asdict(opts)
