@@ -63,6 +63,21 @@ def test_outputs_and_options_record(workdir):
     assert json.loads((out / "options.json").read_text())["max_steps"] == 3
 
 
+def test_fine_tune_from_an_exported_checkpoint(workdir):
+    """``model: <dir>`` loads a checkpoint (here a from-scratch run's export) and carries its side files on."""
+    tmp, data = workdir
+    assert main(train_args(tmp, data, tmp / "base", max_steps=2)) == 0
+    base = tmp / "base" / "final"
+    args = ["--model", str(base), "--data", str(data), "--output_dir", str(tmp / "tuned"), "--stage", "3",
+            "--max_steps", "2", "--seq_len", "128", "--batch_size", "2", "--lr", "1e-3", "--progress", "false"]
+    assert main(args) == 0
+    tuned = tmp / "tuned" / "final"
+    assert (tuned / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    before, after = Qwen2VL.from_pretrained(base), Qwen2VL.from_pretrained(tuned)
+    assert torch.equal(before.visual.blocks[0].attn.qkv.weight, after.visual.blocks[0].attn.qkv.weight)  # frozen
+    assert not torch.equal(before.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight)
+
+
 def test_cli_reports_bad_options_in_one_line(workdir, capsys):
     tmp, data = workdir
     assert qwen2vl_main(["train", "--max_steps", "many"]) == 2
