@@ -127,6 +127,8 @@ class Engine:
 
         directory = resolve_checkpoint(path)
         model = Qwen2VL.from_pretrained(directory, dtype=dtype, device=device, progress=progress)
+        if model.device.type == "cuda":
+            model.fuse_projections()  # one matmul for q/k/v and one for gate/up per layer
         return cls(model, Processor.from_pretrained(directory), read_generation_config(directory), **kwargs)
 
     @property
