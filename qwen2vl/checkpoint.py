@@ -215,6 +215,7 @@ def released_state(model):
 def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # safetensors creates the file readable by its owner only
     os.replace(tmp, target)
 
 

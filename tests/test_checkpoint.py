@@ -44,6 +44,7 @@ def test_our_checkpoint_loads_into_transformers(tmp_path, tied, shard):
     keys = set()
     for f in tmp_path.glob("*.safetensors"):
         keys |= set(load_file(f))
+        assert f.stat().st_mode & 0o044 == 0o044, f"{f.name} is not readable by others"
     assert ("lm_head.weight" in keys) != tied
     assert all(k.startswith(("visual.", "model.", "lm_head.")) for k in keys)
     assert not any(k.startswith(("model.visual.", "model.language_model.")) for k in keys)
