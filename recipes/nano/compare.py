@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from train import stage_parts  # beside this file
+
 
 def load_rows(run: Path) -> dict[str, dict]:
     return {row["group"]: row for row in json.loads((run / "eval.json").read_text())["rows"]}
@@ -42,15 +44,16 @@ def table(runs: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def stage_metrics(run: Path) -> list[tuple[int, dict]]:
-    """(global step, record) over the three stages laid end to end."""
-    out, offset = [], 0
+def stage_metrics(run: Path) -> tuple[list[tuple[int, dict]], list[int]]:
+    """((global step, record) over the three stages laid end to end, the global steps where stages end)."""
+    out, ends, offset = [], [], 0
     for stage in (1, 2, 3):
-        path = run / f"stage{stage}" / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        out += [(offset + r["step"], r) for r in records]
-        offset += max((r["step"] for r in records), default=0)
-    return out
+        for part in stage_parts(run, stage):  # a stage continued by extend.sh has two parts
+            records = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            out += [(offset + r["step"], r) for r in records]
+            offset += max((r["step"] for r in records), default=0)
+        ends.append(offset)
+    return out, ends
 
 
 def plot(runs: dict[str, Path], out: Path, window: int = 10) -> None:
@@ -61,7 +64,7 @@ def plot(runs: dict[str, Path], out: Path, window: int = 10) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for i, (name, run) in enumerate(runs.items()):
-        points = stage_metrics(run)
+        points, ends = stage_metrics(run)
         steps, losses = [s for s, _ in points], [r["loss"] for _, r in points]
         smooth = [sum(losses[max(0, j - window + 1):j + 1]) / len(losses[max(0, j - window + 1):j + 1])
                   for j in range(len(losses))]
@@ -69,12 +72,10 @@ def plot(runs: dict[str, Path], out: Path, window: int = 10) -> None:
         ax.plot(steps, smooth, color=colour, label=f"{name} train (mean of {window})")
         evals = [(s, r["eval_loss"]) for s, r in points if "eval_loss" in r]
         ax.plot(*zip(*evals), "o--", color=colour, label=f"{name} eval")
-    ends = [s for s, r in stage_metrics(next(iter(runs.values()))) if r.get("eval_loss") is not None]
-    for x in ends[:-1]:
+    for x in ends[:-1]:  # stage boundaries (of the last run; the runs share their step counts)
         ax.axvline(x, color="grey", lw=0.5)
-    ax.set_xlabel("optimizer step (stages 1, 2, 3 end to end)")
+    ax.set_xlabel("optimizer step (stages 1, 2, 3 end to end; grey lines: stage boundaries)")
     ax.set_ylabel("loss per supervised token")
-    ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)

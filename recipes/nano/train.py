@@ -9,7 +9,8 @@ last checkpoint, so the same command continues a run. Stage options come from ``
 beside this file; the preset (``cpu.yaml``, ``gpu.yaml``) sets data sizes, batch shape and steps.
 ``--force-size 224`` squashes every image and video frame to 224x224 in training and evaluation.
 Outputs in ``--out``: ``data/``, ``tokenizer/``, ``stage{1,2,3}/`` (metrics.jsonl, loss.png,
-final/), ``qwen2vl-nano/`` (the bf16 export), ``eval.json`` and ``eval.txt`` (the held-out table).
+final/), ``qwen2vl-nano/`` (the bf16 export, with a model card: recipe, budget, held-out table),
+``eval.json`` and ``eval.txt`` (the held-out table).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from qwen2vl.data.synthetic import SIZE_POLICIES
 
 RECIPE = Path(__file__).resolve().parent
 
@@ -84,8 +87,12 @@ def train_stage(stage: int, out: Path, preset: dict, data: dict[str, Path], toke
     return final
 
 
-def export(final: Path, out: Path) -> tuple[Path, Path]:
-    """(bf16 export, float32 copy of the same bf16-rounded weights for evaluation on CPU)."""
+def export(final: Path, out: Path, max_side: int) -> tuple[Path, Path]:
+    """(bf16 export, float32 copy of the same bf16-rounded weights for evaluation on CPU).
+
+    The exported ``preprocessor_config.json`` caps images at the training images' largest area
+    (``max_side`` squared): larger inputs are scaled down to what the model has seen.
+    """
     import torch
 
     from qwen2vl import Qwen2VL
@@ -100,6 +107,9 @@ def export(final: Path, out: Path) -> tuple[Path, Path]:
         for side in SIDE_FILES:
             if (final / side).is_file():
                 shutil.copyfile(final / side, target / side)
+        preprocessor = json.loads((target / "preprocessor_config.json").read_text())
+        preprocessor["max_pixels"] = max_side**2
+        (target / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
         targets.append(target)
     return targets[0], targets[1]
 
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     final = None
     for stage in (1, 2, 3):
         final = train_stage(stage, out, preset, data, tokenizer, env)
-    shipped, eval_model = export(final, out)
+    shipped, eval_model = export(final, out, SIZE_POLICIES[preset["data"]["size_policy"]].max_side)
     cmd = [sys.executable, "-m", "qwen2vl", "eval", "--model", str(eval_model), "--data", str(data["test"]),
            "--video-pixels", preset["data"]["video_pixels"], "--out", str(out / "eval.json"), "--quiet"]
     if args.force_size:
@@ -136,8 +146,71 @@ def main(argv: list[str] | None = None) -> int:
     print("+ " + " ".join(cmd), flush=True)
     table = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True).stdout
     (out / "eval.txt").write_text(table)
+    (shipped / "README.md").write_text(model_card(out, preset, table, " ".join(sys.argv[1:] if argv is None else argv)))
     print(table + f"exported {shipped}", flush=True)
     return 0
+
+
+def stage_parts(out: Path, stage: int) -> list[Path]:
+    """The output directories that trained ``stage`` of run ``out``, in order: more than one when the
+    stage started from the same stage of another run (``extend.sh``)."""
+    parts, directory = [], out / f"stage{stage}"
+    while directory is not None:
+        parts.insert(0, directory)
+        start = Path(json.loads((directory / "options.json").read_text()).get("model") or "")
+        directory = start.parent if start.name == "final" and start.parent.name == f"stage{stage}" else None
+    return parts
+
+
+def stage_budget(out: Path) -> list[tuple[str, int, float, int]]:
+    """(stage, optimizer steps, seconds in steps, tokens) per stage, from each stage's metrics.jsonl.
+
+    A stage that started from the same stage of another run (``extend.sh``) is listed after it.
+    """
+    rows = []
+    for stage in (1, 2, 3):
+        parts = stage_parts(out, stage)
+        for i, part in enumerate(parts):
+            records = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            name = str(stage) if len(parts) == 1 else f"{stage} (part {i + 1})"
+            rows.append((name, len(records), sum(r["step_s"] for r in records), sum(r["tokens"] for r in records)))
+    return rows
+
+
+def model_card(out: Path, preset: dict, table: str, command: str) -> str:
+    """The exported checkpoint's README.md: what it is, how it was trained, what it scores."""
+    config = json.loads((RECIPE / "config.json").read_text())
+    budget = stage_budget(out)
+    lines = [
+        "# qwen2vl-nano", "",
+        "The Qwen2-VL architecture at small widths, trained from scratch on the synthetic data of",
+        "`qwen2vl.data.synthetic` (documents, receipts and signs to read, shapes to count and locate, bar",
+        "charts, short videos) with `qwen2vl train`, in the paper's three stages. A demonstration model: it",
+        "knows only these kinds of questions. Loads unchanged in transformers (`Qwen2VLForConditionalGeneration`).",
+        "Read its held-out scores (below) before relying on an answer: a CPU budget leaves it near chance;",
+        "docs/resolution-ablation.md in the project has the loss curves and what the budget would need.", "",
+        f"- decoder: {config['num_hidden_layers']} layers, width {config['hidden_size']}, "
+        f"{config['num_attention_heads']} query / {config['num_key_value_heads']} key-value heads, "
+        f"vocabulary {config['vocab_size']} (byte-level BPE trained on the synthetic text)",
+        f"- vision: {config['vision_config']['depth']} blocks, width {config['vision_config']['embed_dim']}, "
+        "2x2 patch merger", "",
+        "## Recipe", "",
+        f"`python recipes/nano/train.py {command}` (data, tokenizer, stages, evaluation, export)"
+        + ("; stage 2 was continued from an earlier run's with `recipes/nano/extend.sh` (its parts below)."
+           if any("part" in row[0] for row in budget) else "."), "",
+        f"- data: {preset['data']['train']['n']:,} training samples (seed {preset['data']['train']['seed']}), "
+        f"size policy `{preset['data']['size_policy']}`, task mix `{preset['data']['tasks']}`",
+        f"- batch: {preset['train']['batch_size']} packed rows of {preset['train']['seq_len']} tokens per step", "",
+        "| stage | trains | steps | time in steps | tokens |", "|---|---|---|---|---|"]
+    trains = {1: "vision + merger", 2: "everything", 3: "LLM + merger"}
+    for stage, steps, seconds, tokens in budget:
+        lines.append(f"| {stage} | {trains[int(stage[0])]} | {steps} | {seconds / 60:.0f} min | {tokens:,} |")
+    total_s, total_tokens = sum(row[2] for row in budget), sum(row[3] for row in budget)
+    lines.append(f"| all | | {sum(row[1] for row in budget)} | {total_s / 60:.0f} min | {total_tokens:,} |")
+    lines += ["", "## Held-out evaluation", "",
+              f"`qwen2vl eval` on {preset['data']['test']['n']} samples of the eval split "
+              f"(seed {preset['data']['test']['seed']}, never trained on):", "", "```text", *[line for line in table.rstrip().splitlines() if not line.startswith("wrote ")], "```", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
