@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from train import stage_parts  # beside this file
+from train import stage_records  # beside this file
 
 
 def load_rows(run: Path) -> dict[str, dict]:
@@ -48,8 +48,7 @@ def stage_metrics(run: Path) -> tuple[list[tuple[int, dict]], list[int]]:
     """((global step, record) over the three stages laid end to end, the global steps where stages end)."""
     out, ends, offset = [], [], 0
     for stage in (1, 2, 3):
-        for part in stage_parts(run, stage):  # a stage continued by extend.sh has two parts
-            records = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        for records in stage_records(run, stage):  # a stage continued by --extend has two parts
             out += [(offset + r["step"], r) for r in records]
             offset += max((r["step"] for r in records), default=0)
         ends.append(offset)

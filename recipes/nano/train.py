@@ -3,11 +3,17 @@
     python recipes/nano/train.py cpu                                  # native resolution -> runs/nano
     python recipes/nano/train.py cpu --force-size 224 --out runs/nano-224   # the 224x224 ablation arm
     python recipes/nano/train.py gpu --out runs/nano-gpu
+    python recipes/nano/train.py cpu --out runs/nano-ext --extend runs/nano --extend-steps 600
+
 
 Each step is skipped when its output is already there, and an interrupted stage resumes from its
 last checkpoint, so the same command continues a run. Stage options come from ``stage{1,2,3}.yaml``
 beside this file; the preset (``cpu.yaml``, ``gpu.yaml``) sets data sizes, batch shape and steps.
 ``--force-size 224`` squashes every image and video frame to 224x224 in training and evaluation.
+``--extend OLD`` continues a finished run: the new run shares OLD's data, tokenizer and stage 1,
+restarts stage 2 from OLD's stage-2 weights for ``--extend-steps`` more steps (fresh optimizer,
+10-step warm-up, cosine decay over the new steps, seed 11 for a new sample order), then runs
+stage 3, the evaluation and the export as usual.
 Outputs in ``--out``: ``data/``, ``tokenizer/``, ``stage{1,2,3}/`` (metrics.jsonl, loss.png,
 final/), ``qwen2vl-nano/`` (the bf16 export, with a model card: recipe, budget, held-out table),
 ``eval.json`` and ``eval.txt`` (the held-out table).
@@ -18,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from qwen2vl.data.synthetic import SIZE_POLICIES
+from qwen2vl.train.metrics import read_metrics
 
 RECIPE = Path(__file__).resolve().parent
 
@@ -69,7 +75,7 @@ def check_token_ids(tokenizer: Path, config: Path) -> None:
 
 
 def train_stage(stage: int, out: Path, preset: dict, data: dict[str, Path], tokenizer: Path,
-                env: dict[str, str]) -> Path:
+                env: dict[str, str], overrides: dict | None = None) -> Path:
     final = out / f"stage{stage}" / "final"
     if (final / "config.json").is_file():
         return final
@@ -80,6 +86,7 @@ def train_stage(stage: int, out: Path, preset: dict, data: dict[str, Path], toke
         options.update(model_config=RECIPE / "config.json", tokenizer=tokenizer)
     else:
         options["model"] = out / f"stage{stage - 1}" / "final"
+    options.update(overrides or {})
     cmd = [sys.executable, "-m", "qwen2vl", "train", "--config", str(RECIPE / f"stage{stage}.yaml")]
     for key, value in options.items():
         cmd += [f"--{key}", str(value)]
@@ -96,22 +103,27 @@ def export(final: Path, out: Path, max_side: int) -> tuple[Path, Path]:
     import torch
 
     from qwen2vl import Qwen2VL
-    from qwen2vl.train.export import SIDE_FILES
+    from qwen2vl.train.export import export_checkpoint
 
     model = Qwen2VL.from_pretrained(final, dtype=torch.float32)
+    state = {name: t.to(torch.bfloat16) for name, t in model.state_dict().items()}
     targets = []
     for name, dtype in (("qwen2vl-nano", torch.bfloat16), ("eval-model", torch.float32)):
-        target = out / name
-        shutil.rmtree(target, ignore_errors=True)
-        model.to(torch.bfloat16).to(dtype).save_pretrained(target)
-        for side in SIDE_FILES:
-            if (final / side).is_file():
-                shutil.copyfile(final / side, target / side)
+        target = export_checkpoint(state, model.config, out / name, final, dtype=dtype)
         preprocessor = json.loads((target / "preprocessor_config.json").read_text())
         preprocessor["max_pixels"] = max_side**2
         (target / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
         targets.append(target)
     return targets[0], targets[1]
+
+
+def share_first_stages(old: Path, out: Path) -> None:
+    """Link ``old``'s data, tokenizer and stage 1 into ``out`` (``--extend``): they are skipped there."""
+    for name in ("data", "tokenizer", "stage1"):
+        if not (old / name).exists():
+            raise SystemExit(f"--extend {old}: it has no {name}/; finish that run first")
+        if not (out / name).exists():
+            (out / name).symlink_to((old / name).resolve())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/nano", help="run directory (default runs/nano)")
     p.add_argument("--force-size", help="N or WxH: every image and frame squashed to this size (ablation)")
     p.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice)")
+    p.add_argument("--extend", type=Path, help="a finished run whose stage 2 this run continues")
+    p.add_argument("--extend-steps", type=int, default=600, help="stage-2 steps added by --extend (default 600)")
     args = p.parse_args(argv)
     preset_file = Path(args.preset) if args.preset.endswith(".yaml") else RECIPE / f"{args.preset}.yaml"
     preset = yaml.safe_load(preset_file.read_text())
@@ -129,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
 
+    overrides = {}
+    if args.extend:
+        share_first_stages(args.extend, out)
+        overrides[2] = {"model": args.extend / "stage2" / "final", "max_steps": args.extend_steps,
+                        "seed": 11, "warmup_steps": 10}
     data = make_data(out, preset, args.force_size, env)
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
@@ -137,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     check_token_ids(tokenizer, RECIPE / "config.json")
     final = None
     for stage in (1, 2, 3):
-        final = train_stage(stage, out, preset, data, tokenizer, env)
+        final = train_stage(stage, out, preset, data, tokenizer, env, overrides.get(stage))
     shipped, eval_model = export(final, out, SIZE_POLICIES[preset["data"]["size_policy"]].max_side)
     cmd = [sys.executable, "-m", "qwen2vl", "eval", "--model", str(eval_model), "--data", str(data["test"]),
            "--video-pixels", preset["data"]["video_pixels"], "--out", str(out / "eval.json"), "--quiet"]
@@ -153,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def stage_parts(out: Path, stage: int) -> list[Path]:
     """The output directories that trained ``stage`` of run ``out``, in order: more than one when the
-    stage started from the same stage of another run (``extend.sh``)."""
+    stage started from the same stage of another run (``--extend``)."""
     parts, directory = [], out / f"stage{stage}"
     while directory is not None:
         parts.insert(0, directory)
@@ -162,16 +181,17 @@ def stage_parts(out: Path, stage: int) -> list[Path]:
     return parts
 
 
-def stage_budget(out: Path) -> list[tuple[str, int, float, int]]:
-    """(stage, optimizer steps, seconds in steps, tokens) per stage, from each stage's metrics.jsonl.
+def stage_records(out: Path, stage: int) -> list[list[dict]]:
+    """The metrics.jsonl records of each part of ``stage`` (see :func:`stage_parts`)."""
+    return [read_metrics(part / "metrics.jsonl") for part in stage_parts(out, stage)]
 
-    A stage that started from the same stage of another run (``extend.sh``) is listed after it.
-    """
+
+def stage_budget(out: Path) -> list[tuple[str, int, float, int]]:
+    """(stage, optimizer steps, seconds in steps, tokens) per stage part, from the metrics records."""
     rows = []
     for stage in (1, 2, 3):
-        parts = stage_parts(out, stage)
-        for i, part in enumerate(parts):
-            records = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        parts = stage_records(out, stage)
+        for i, records in enumerate(parts):
             name = str(stage) if len(parts) == 1 else f"{stage} (part {i + 1})"
             rows.append((name, len(records), sum(r["step_s"] for r in records), sum(r["tokens"] for r in records)))
     return rows
@@ -196,7 +216,7 @@ def model_card(out: Path, preset: dict, table: str, command: str) -> str:
         "2x2 patch merger", "",
         "## Recipe", "",
         f"`python recipes/nano/train.py {command}` (data, tokenizer, stages, evaluation, export)"
-        + ("; stage 2 was continued from an earlier run's with `recipes/nano/extend.sh` (its parts below)."
+        + ("; its stage 2 continues an earlier run's (`--extend`; both parts below)."
            if any("part" in row[0] for row in budget) else "."), "",
         f"- data: {preset['data']['train']['n']:,} training samples (seed {preset['data']['train']['seed']}), "
         f"size policy `{preset['data']['size_policy']}`, task mix `{preset['data']['tasks']}`",
