@@ -218,3 +218,16 @@ def test_remote_media_when_allowed_with_a_size_cap(root, tmp_path):
 def test_serve_command_line_errors_are_one_line(root, capsys, args, phrase):
     assert cli_main(["serve", "--model", str(root / "model"), *args]) == 2
     assert phrase in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["over the budget of 3.png", "decompression bomb.png", "gone-byte limit.png"])
+def test_status_comes_from_the_error_kind_not_from_words_in_a_file_name(tmp_path, monkeypatch, name):
+    from qwen2vl.processing.sources import MediaAccess, MediaError, read_source
+    from qwen2vl.serve.errors import media_error
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MediaError) as caught:
+        read_source(name, MediaAccess())
+    error = media_error(caught.value)
+    assert (error.status, error.code) == (400, "media_not_found")
+    assert error.message == f"file not found: {name!r}"

@@ -94,7 +94,7 @@ def open_image(source, access: MediaAccess | None = None,
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise MediaError(f"image {describe(source)} is too large to decode safely") from None
+            raise MediaError(f"image {describe(source)} is too large to decode safely", "image_too_large") from None
         except (OSError, ValueError, SyntaxError) as err:
             raise MediaError(f"cannot decode image {describe(source)}: {err}") from None
     width, height = image.size
@@ -102,7 +102,7 @@ def open_image(source, access: MediaAccess | None = None,
         raise MediaError(f"image {describe(source)} has zero size ({width}x{height})")
     if width * height > max_image_pixels:
         raise MediaError(f"image {describe(source)} has {width}x{height} pixels, over the limit of "
-                         f"{max_image_pixels} (decompression bomb guard)")
+                         f"{max_image_pixels} (decompression bomb guard)", "image_too_large")
     if _orientation(image) in _SWAPS_SIDES:
         width, height = height, width
     return image, (height, width)

@@ -211,12 +211,13 @@ class Processor:
             return
         total = text_ids - len(items)  # each placeholder id becomes its item's tokens
         if total > max_tokens:
-            raise ValueError(f"the prompt text alone takes {total} tokens, over the budget of {max_tokens}")
+            raise MediaError(f"the prompt text alone takes {total} tokens, over the budget of {max_tokens}",
+                             "over_budget")
         for part, tokens in items:
             total += tokens
             if total > max_tokens:
                 raise MediaError(f"{part.where} {describe(part.source)} takes {tokens} tokens, which brings the "
-                                 f"prompt to {total} tokens, over the budget of {max_tokens}")
+                                 f"prompt to {total} tokens, over the budget of {max_tokens}", "over_budget")
 
     def _labels(self, ids: np.ndarray, offsets: list[tuple[int, int]], rendered: RenderedChat) -> np.ndarray:
         """-100 everywhere except tokens starting inside an assistant message's content or its <|im_end|>."""
@@ -241,7 +242,7 @@ class Processor:
                 return self._plan_frame_list(part, options, access)
             return self._plan_video(part, options, access)
         except MediaError as err:
-            raise MediaError(f"{part.where}: {err}") from None
+            raise MediaError(f"{part.where}: {err}", err.kind) from None
         except ValueError as err:
             raise MediaError(f"{part.where} {describe(part.source)}: {err}") from None
 
@@ -249,7 +250,7 @@ class Processor:
         try:
             frames = plan.load()
         except MediaError as err:
-            raise MediaError(f"{plan.part.where}: {err}") from None
+            raise MediaError(f"{plan.part.where}: {err}", err.kind) from None
         except ValueError as err:
             raise MediaError(f"{plan.part.where} {describe(plan.part.source)}: {err}") from None
         return frames_to_patches(frames, self.patch_size, self.merge_size, self.temporal_patch_size,
@@ -319,7 +320,7 @@ class Processor:
                     size = qwen_vl_utils_resize(h, w, factor, options.get("min_pixels", IMAGE_MIN_TOKENS * factor ** 2),
                                                 options.get("max_pixels", IMAGE_MAX_TOKENS * factor ** 2))
             except (MediaError, ValueError) as err:
-                raise MediaError(f"frame {i}: {err}") from None
+                raise MediaError(f"frame {i}: {err}", getattr(err, "kind", "invalid")) from None
             opened.append(image)
             sizes.append(size)
         if len(set(sizes)) > 1:
@@ -335,7 +336,7 @@ class Processor:
                 try:
                     frames.append(resize_image(decode_rgb(image, frame), h1, w1))
                 except MediaError as err:
-                    raise MediaError(f"frame {i}: {err}") from None
+                    raise MediaError(f"frame {i}: {err}", err.kind) from None
             if len(frames) % 2:
                 frames.append(frames[-1])
             return resize_frames(np.stack(frames), height, width)

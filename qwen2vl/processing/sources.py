@@ -23,7 +23,17 @@ REMOTE_TIMEOUT_S = 10.0
 
 
 class MediaError(ValueError):
-    """A media item could not be used; the message names the item and the reason."""
+    """A media item could not be used; the message names the item and the reason.
+
+    ``kind`` says which limit was hit, for callers that answer differently (the server's status):
+    ``invalid`` (undecodable, malformed), ``not_found``, ``not_allowed`` (outside the allowed
+    directory, remote media disabled), ``too_large`` (a download over its byte cap),
+    ``image_too_large`` (the decoded-pixel guard) or ``over_budget`` (the prompt's token budget).
+    """
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -101,28 +111,29 @@ def _local_path(path: str, source: str, access: MediaAccess) -> str:
         root = os.path.realpath(access.allowed_media_dir)
         real = os.path.realpath(os.path.join(root, path))
         if os.path.commonpath([root, real]) != root:
-            raise MediaError(f"{describe(source)} is outside the allowed media directory")
+            raise MediaError(f"{describe(source)} is outside the allowed media directory", "not_allowed")
         path = real
     if not os.path.isfile(path):
-        raise MediaError(f"file not found: {describe(source)}")
+        raise MediaError(f"file not found: {describe(source)}", "not_found")
     return path
 
 
 def _download(url: str, access: MediaAccess) -> bytes:
     if not access.allow_remote:
-        raise MediaError(f"remote media is disabled (enable allow_remote_media to fetch {describe(url)})")
+        raise MediaError(f"remote media is disabled (enable allow_remote_media to fetch {describe(url)})",
+                         "not_allowed")
     cap = access.max_remote_bytes
     request = urllib.request.Request(url, headers={"User-Agent": "qwen2vl"})
     try:
         with urllib.request.urlopen(request, timeout=access.timeout_s) as response:
             declared = response.headers.get("Content-Length")
             if declared is not None and declared.isdigit() and int(declared) > cap:
-                raise MediaError(f"{describe(url)} is {int(declared)} bytes, over the {cap}-byte limit")
+                raise MediaError(f"{describe(url)} is {int(declared)} bytes, over the {cap}-byte limit", "too_large")
             data = response.read(cap + 1)
     except MediaError:
         raise
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise MediaError(f"cannot download {describe(url)}: {err}") from None
     if len(data) > cap:
-        raise MediaError(f"{describe(url)} is over the {cap}-byte limit")
+        raise MediaError(f"{describe(url)} is over the {cap}-byte limit", "too_large")
     return data

@@ -37,21 +37,13 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
                       "param": param, "code": code}}
 
 
-def media_error(err: Exception) -> APIError:
-    """The API error for a failure of the processor (a MediaError or ValueError naming the item).
+# MediaError.kind -> (status, code)
+MEDIA_STATUSES = {"over_budget": (400, "context_length_exceeded"), "image_too_large": (413, "image_too_large"),
+                  "too_large": (413, "media_too_large"), "not_allowed": (403, "media_not_allowed"),
+                  "not_found": (400, "media_not_found"), "invalid": (400, "invalid_media")}
 
-    The processor's messages are the only signal of which limit was hit, so the phrases matched
-    here are part of its contract (the bad-request tests pin each one).
-    """
-    message = str(err)
-    if "over the budget of" in message:
-        return APIError(400, message, "context_length_exceeded", "messages")
-    if "decompression bomb" in message or "too large to decode safely" in message:
-        return APIError(413, message, "image_too_large", "messages")
-    if "-byte limit" in message:
-        return APIError(413, message, "media_too_large", "messages")
-    if "outside the allowed media directory" in message or "remote media is disabled" in message:
-        return APIError(403, message, "media_not_allowed", "messages")
-    if "file not found" in message:
-        return APIError(400, message, "media_not_found", "messages")
-    return APIError(400, message, "invalid_media", "messages")
+
+def media_error(err: Exception) -> APIError:
+    """The API error for a failure of the processor: a MediaError's ``kind`` picks the status."""
+    status, code = MEDIA_STATUSES[getattr(err, "kind", "invalid")]
+    return APIError(status, str(err), code, "messages")
