@@ -182,8 +182,7 @@ async def collect(request: Request, scheduler: Scheduler, job: Job, events: asyn
             try:
                 kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    scheduler.cancel(job)
+                if await request.is_disconnected():  # the finally below cancels the job
                     return JSONResponse(error_body(499, "client disconnected"), status_code=499)
                 continue
             if kind == "done":

@@ -54,7 +54,6 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     seq: Sequence | None = None  # set on admission
-    token: int = 0  # the last sampled token, fed at the next step
     admitted: float = 0.0
     first_token: float = 0.0
 
@@ -215,7 +214,7 @@ class Scheduler:
     def _step(self) -> None:
         rows = len(self._active)
         try:
-            tokens = torch.tensor([job.token for job in self._active], device=self.engine.device)
+            tokens = torch.tensor([job.seq.tokens[-1] for job in self._active], device=self.engine.device)
             logits = self.engine.decode_step(tokens, self._deltas[:rows], self._cache.narrow(rows), padded=True)
             chosen = sample_rows(logits, [job.seq.sampler for job in self._active])
         except Exception as err:
@@ -233,7 +232,6 @@ class Scheduler:
 
     def _accept(self, job: Job, token: int) -> bool:
         """Give ``token`` to the job's sequence and its client; True when the job is finished."""
-        job.token = token
         self.counters["generated_tokens"] += 1
         delta = job.seq.add(token)
         if delta:

@@ -45,9 +45,10 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    sharded = [hasattr(g, "to_local") for g in grads]
+    local = [g.to_local() if s else g for g, s in zip(grads, sharded)]
     squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in local]).sum()
-    if any(hasattr(g, "to_local") for g in grads):
+    if any(sharded):
         import torch.distributed as dist
         dist.all_reduce(squares)
     total = float(squares.sqrt())
