@@ -131,6 +131,12 @@ class Engine:
             model.fuse_projections()  # one matmul for q/k/v and one for gate/up per layer
         return cls(model, Processor.from_pretrained(directory), read_generation_config(directory), **kwargs)
 
+    def new_sequence(self, params: SamplingParams, vocab: int, prompt_ids: torch.Tensor, delta: int) -> Sequence:
+        """A row to generate after its prefill: sampler, incremental decoder, stop rules."""
+        decoder = self.tokenizer.incremental_decoder() if self.tokenizer else None
+        sampler = RowSampler(params, vocab, prompt_ids, self.device)
+        return Sequence(params, sampler, decoder, self.control_ids, len(prompt_ids), delta)
+
     @property
     def device(self) -> torch.device:
         return self.model.device
@@ -237,9 +243,8 @@ class Engine:
             reused = common_prefix(session.tokens, ids[0].tolist(), limit=length - 1)
             cache.copy_row(0, session.cache, 0, reused)
         logits, deltas = self.prefill(ids, mask, batch, cache, start=reused)
-        seqs = [Sequence(p, RowSampler(p, logits.shape[-1], ids[r][mask[r].bool()], self.device),
-                         self.tokenizer.incremental_decoder() if self.tokenizer else None, self.control_ids,
-                         int(mask[r].sum()), int(deltas[r])) for r, p in enumerate(params)]
+        seqs = [self.new_sequence(p, logits.shape[-1], ids[r][mask[r].bool()], int(deltas[r]))
+                for r, p in enumerate(params)]
         padded = not bool(mask.all())
         prefill_s = time.perf_counter() - start
         steps = 0

@@ -74,7 +74,7 @@ def create_app(engine, settings: ServeSettings | None = None, scheduler: Schedul
     if settings.max_image_pixels is not None:
         processor.max_image_pixels = settings.max_image_pixels
     if scheduler is None:
-        max_len = settings.max_model_len or min(engine.max_context, 8192)
+        max_len = Scheduler.serving_max_len(engine, settings.max_model_len)
         scheduler = Scheduler(engine, settings.max_batch, settings.max_queue, max_len)
     policy = MediaPolicy(allow_remote=settings.allow_remote_media, allowed_media_dir=settings.allowed_media_dir,
                          max_items=settings.max_media_items)

@@ -38,7 +38,7 @@ from pathlib import Path
 from ..cli import UserError
 from ..generation.cli import Parser, add_model_options, load_engine
 from ..processing import MediaAccess
-from .cli import add_serving_options, check_serving_options
+from .cli import add_serving_options, check_serving_options, served_model_name
 from .errors import APIError
 from .protocol import MediaPolicy, completion, completion_id, parse_chat_request, prepare
 from .scheduler import Job, QueueFull, Scheduler, SchedulerDown
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     engine = load_engine(args) if todo else None
     if todo:
-        name = args.served_model_name or os.path.basename(os.path.normpath(args.model or "qwen2vl-nano"))
+        name = served_model_name(args)
         try:
             run(engine, todo, own, args, name, rank, world)
         except SchedulerDown as err:
@@ -92,7 +92,7 @@ def run(engine, todo: list, path: Path, args, model_name: str, rank: int, world:
         engine.processor.max_image_pixels = args.max_image_pixels
     policy = MediaPolicy(allow_remote=args.allow_remote_media, allowed_media_dir=args.allowed_media_dir,
                          local_files=args.allowed_media_dir is None, max_items=args.max_media_items)
-    max_len = args.max_model_len or min(engine.max_context, 8192)
+    max_len = Scheduler.serving_max_len(engine, args.max_model_len)
     scheduler = Scheduler(engine, args.max_batch, max_queue=2 * args.max_batch, max_len=max_len)
     finished: queue.Queue = queue.Queue()
     desc = "batch" if world == 1 else f"batch rank {rank}/{world}"

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     from .app import ServeSettings, create_app
 
     engine = load_engine(args)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model or "qwen2vl-nano"))
+    name = served_model_name(args)
     settings = ServeSettings(
         model_name=name, max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens, max_media_items=args.max_media_items,
@@ -75,6 +75,11 @@ def main(argv: list[str]) -> int:
     print(f"qwen2vl serve: {name} on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def served_model_name(args) -> str:
+    """``--served-model-name``, else the checkpoint folder's name (the embedded model: qwen2vl-nano)."""
+    return args.served_model_name or os.path.basename(os.path.normpath(args.model or "qwen2vl-nano"))
 
 
 def _is_loopback(host: str) -> bool:

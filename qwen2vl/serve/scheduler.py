@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation.engine import Sequence
-from ..generation.sampling import RowSampler, SamplingParams, sample_rows
+from ..generation.sampling import SamplingParams, sample_rows
 from ..model import KVCache
 
 log = logging.getLogger("qwen2vl.serve")
@@ -63,6 +63,12 @@ class Job:
 
 
 class Scheduler:
+    @staticmethod
+    def serving_max_len(engine, max_model_len: int | None) -> int:
+        """Tokens per row for the server and the batch runner: ``--max-model-len``, else the model's
+        context capped at 8192 (the KV cache holds ``max_batch`` rows of this length)."""
+        return max_model_len or min(engine.max_context, 8192)
+
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1")
@@ -196,11 +202,9 @@ class Scheduler:
             row = len(self._active)
             self._cache.copy_row(row, prompt, 0, ids.shape[1])
             self._deltas[row] = deltas[0]
-            sampler = RowSampler(job.params, logits.shape[-1], ids[0], engine.device)
-            decoder = engine.tokenizer.incremental_decoder() if engine.tokenizer else None
-            job.seq = Sequence(job.params, sampler, decoder, engine.control_ids, ids.shape[1], int(deltas[0]))
+            job.seq = engine.new_sequence(job.params, logits.shape[-1], ids[0], int(deltas[0]))
             self._active.append(job)
-            token = sample_rows(logits, [sampler])[0]
+            token = sample_rows(logits, [job.seq.sampler])[0]
         except Exception as err:  # a bad request must not take the others down
             log.exception("prefill failed")
             if job in self._active:
