@@ -106,13 +106,18 @@ def _decode_data_url(url: str) -> bytes:
         raise MediaError(f"data URL has invalid base64 ({err}): {describe(url)}") from None
 
 
+def inside_media_dir(root: str, path: str) -> str | None:
+    """``path`` (relative paths taken from ``root``) resolved, or None when it leads outside ``root``."""
+    root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, path))
+    return real if os.path.commonpath([root, real]) == root else None
+
+
 def _local_path(path: str, source: str, access: MediaAccess) -> str:
     if access.allowed_media_dir is not None:
-        root = os.path.realpath(access.allowed_media_dir)
-        real = os.path.realpath(os.path.join(root, path))
-        if os.path.commonpath([root, real]) != root:
+        path = inside_media_dir(access.allowed_media_dir, path)
+        if path is None:
             raise MediaError(f"{describe(source)} is outside the allowed media directory", "not_allowed")
-        path = real
     if not os.path.isfile(path):
         raise MediaError(f"file not found: {describe(source)}", "not_found")
     return path

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from ..processing import MediaError
+from ..processing.sources import inside_media_dir
 from .errors import APIError, media_error
 
 ROLES = ("system", "user", "assistant")
@@ -276,10 +276,7 @@ def _check_source(source, where: str, policy: MediaPolicy) -> None:
         raise APIError(403, f"{where}: local files are disabled on this server (start it with "
                             f"--allowed-media-dir DIR); send the media as a data URL instead",
                        "local_media_disabled", where)
-    path = source[len("file://"):] if scheme else source
-    root = os.path.realpath(policy.allowed_media_dir)
-    real = os.path.realpath(os.path.join(root, path))
-    if os.path.commonpath([root, real]) != root:
+    if inside_media_dir(policy.allowed_media_dir, source[len("file://"):] if scheme else source) is None:
         raise APIError(403, f"{where}: {source!r} is outside the allowed media directory", "media_not_allowed", where)
 
 
