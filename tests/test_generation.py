@@ -4,9 +4,10 @@ import pytest
 import torch
 from oracle import hf_model, left_pad, pixels, prompt, tiny_config
 
-from qwen2vl import KVCache, Qwen2VL
+from qwen2vl import Qwen2VL
 from qwen2vl.generation.engine import Engine
 from qwen2vl.generation.sampling import SamplingParams
+from qwen2vl.generation.step import DecodeStep
 
 EOS = 1
 
@@ -59,7 +60,9 @@ def test_greedy_ids_equal_transformers_generate(pair, case):
         assert result.finish_reason == ("stop" if expected[-1] == EOS else "length")
 
 
-def test_cached_decode_equals_full_forward(pair):
+@pytest.mark.parametrize("chunk", [4, 512])
+def test_cached_decode_equals_full_forward(pair, chunk):
+    """Chunked prefill into rows of the fixed-slot cache, then decode steps == one full forward."""
     _, engine = pair
     model = engine.model
     rows = [prompt(3, ("image", 1, 4, 6), 2, seed=7), prompt(10, seed=8)]
@@ -68,11 +71,21 @@ def test_cached_decode_equals_full_forward(pair):
     steps = 6
     fed = torch.randint(2, 240, (2, steps))
     with torch.inference_mode():
-        cache = KVCache(model.config.text, 2, ids.shape[1] + steps, model.dtype)
-        logits, deltas = engine.prefill(ids, mask, batch, cache)
-        step_logits = [logits]
+        prompts = engine.prompts([batch])
+        step = DecodeStep(model, rows=3, capacity=64, fixed=False)  # row 1 stays idle: rows are independent
+        first = []
+        for row, p in zip((0, 2), prompts):
+            for start in range(0, len(p), chunk):
+                end = min(start + chunk, len(p))
+                logits = step.prefill(row, p.embeds[start:end], p.positions[:, start:end], start)
+            first.append(logits)
+            step.start_row(row, fed[len(first) - 1, :1], slot=len(p), position=len(p) + p.delta)
+        step_logits = [torch.stack(first)]
         for k in range(steps):
-            step_logits.append(engine.decode_step(fed[:, k], deltas, cache, padded=True))
+            logits = step.decode(3, span=max(len(p) for p in prompts) + k + 1)[[0, 2]]
+            step_logits.append(logits)
+            nxt = fed[:, k + 1] if k + 1 < steps else fed[:, k]
+            step.advance(torch.stack([nxt[0], torch.tensor(0), nxt[1]]), 3)
         full = model(torch.cat([ids, fed], 1), attention_mask=torch.cat([mask, torch.ones_like(fed)], 1),
                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
     for k, got in enumerate(step_logits):
@@ -143,17 +156,15 @@ def test_invalid_sampling_values_are_refused():
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_static_path_equals_eager_path(pair, compile):
-    """The static-cache decoder (the CUDA-graph path, run directly on CPU) gives the eager tokens."""
+    """Fixed shapes (the CUDA-graph path, run directly on CPU) give the eager tokens, greedy and sampled."""
     _, eager = pair
-    static = Engine(eager.model, static=True, compile=compile, sync_every=4)
+    static = Engine(eager.model, static=True, compile=compile)
     rows, images, videos = CASES["batch of three"]
     batch = make_batch(rows, images, videos)
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.8, top_k=40, seed=4)
     for params in (SamplingParams(max_new_tokens=20, stop_token_ids=[EOS]),
-                   SamplingParams(max_new_tokens=9, stop_token_ids=[EOS])):
+                   SamplingParams(max_new_tokens=9, stop_token_ids=[EOS]), sampled):
         expected = eager.generate_batch(batch, [params] * 3)
         got = static.generate_batch(batch, [params] * 3)
         assert [r.token_ids for r in got] == [r.token_ids for r in expected]
         assert [r.finish_reason for r in got] == [r.finish_reason for r in expected]
-    sampled = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.8, top_k=40, seed=4)
-    assert static.generate_batch(batch, [sampled] * 3)[0].token_ids == \
-        static.generate_batch(batch, [sampled] * 3)[0].token_ids

@@ -29,10 +29,10 @@ class GatedEngine(Engine):
         self.gate.set()
         self.at_gate = threading.Event()  # set once a prefill has reached the gate
 
-    def prefill(self, *args, **kwargs):
+    def prompts(self, *args, **kwargs):
         self.at_gate.set()
         assert self.gate.wait(60)
-        return super().prefill(*args, **kwargs)
+        return super().prompts(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

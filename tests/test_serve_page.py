@@ -1,8 +1,8 @@
 """The web chat page in headless Chromium: attach an image, send, watch the answer stream in and its box drawn.
 
 A random tiny model never writes a box, so the server runs a scripted engine: the real tiny model
-does the prefill and every decode step, and only its logits are replaced by a script (an answer
-with a grounded box, in Qwen2-VL's syntax). Everything else is the real server and page.
+does the prefill and every decode step, and a constraint allows only the next token of a script (an
+answer with a grounded box, in Qwen2-VL's syntax). Everything else is the real server and page.
 """
 
 import shutil
@@ -27,28 +27,37 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="no chromium binary (apt-get install chromium; scripts/ci-system-deps.sh)")
 
 
+class Script:
+    """A constraint that allows exactly the next token of a script (a stream visible one chunk at a time)."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens, self.at = tokens, 0
+
+    def allowed(self, vocab: int) -> torch.Tensor:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        mask[self.tokens[min(self.at, len(self.tokens) - 1)]] = True
+        return mask
+
+    def advance(self, token: int) -> None:
+        self.at += 1
+        time.sleep(0.01)
+
+    def finished(self) -> bool:
+        return False
+
+
 class ScriptedEngine(Engine):
-    """The tiny model's steps, with the logits forced to spell ``ANSWER`` then ``<|im_end|>``."""
+    """The tiny model's steps, with every request's tokens forced to spell ``ANSWER`` then ``<|im_end|>``."""
 
     def script(self, script: list[int]) -> None:
-        self.tokens, self.prompt_length, self.saw_image = script, 0, False
+        self.tokens, self.saw_image = script, False
 
-    def forced(self, logits: torch.Tensor, steps: list[int]) -> torch.Tensor:
-        out = torch.full_like(logits, -1e4)
-        for row, step in enumerate(steps):
-            out[row, self.tokens[min(step, len(self.tokens) - 1)]] = 0.0
-        return out
+    def sampling_params(self, **overrides):
+        return super().sampling_params(**{**overrides, "constraint": Script(self.tokens)})
 
-    def prefill(self, ids, mask, batch, cache, start=0):
-        logits, deltas = super().prefill(ids, mask, batch, cache, start)
-        self.prompt_length = ids.shape[1]  # the scheduler prefills each request alone
-        self.saw_image = self.saw_image or batch.get("image_grid_thw") is not None
-        return self.forced(logits, [0] * ids.shape[0]), deltas
-
-    def decode_step(self, tokens, deltas, cache, padded):
-        steps = (cache.lengths - self.prompt_length + 1).tolist()  # tokens already generated, per row
-        time.sleep(0.01)  # a visible stream: one chunk at a time
-        return self.forced(super().decode_step(tokens, deltas, cache, padded), steps)
+    def prompts(self, batches):
+        self.saw_image = self.saw_image or any(b.get("image_grid_thw") is not None for b in batches)
+        return super().prompts(batches)
 
 
 @pytest.fixture(scope="module")

@@ -61,9 +61,9 @@ def evaluate(records: Sequence[dict], root: Path, predict: Predict, *, batch_siz
 
 def engine_predict(model_dir: str, max_new_tokens: int) -> Predict:
     """Greedy answers from the generation engine for a checkpoint directory."""
-    from .. import Engine, Processor, Qwen2VL
+    from .. import Engine
 
-    engine = Engine(Qwen2VL.from_pretrained(model_dir), Processor.from_pretrained(model_dir))
+    engine = Engine.from_pretrained(model_dir)  # the same engine (device, dtype, config) as `qwen2vl generate`
 
     def predict(conversations: list[list[dict]]) -> list[str]:
         return [r.text for r in engine.generate(conversations, max_new_tokens=max_new_tokens, temperature=0.0)]

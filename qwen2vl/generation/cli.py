@@ -59,8 +59,6 @@ def media_part(kind: str, path: str, args) -> dict:
 
 def load_engine(args):
     """Model + processor from --model (or the embedded checkpoint), with a loading indicator."""
-    import torch
-
     from ..generation.engine import Engine
 
     path = args.model
@@ -69,10 +67,8 @@ def load_engine(args):
             raise UserError("no --model given and the embedded qwen2vl-nano checkpoint is not installed; "
                             "pass --model DIR")
         path = EMBEDDED_MODEL
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or (None if device != "cpu" else "float32")
     try:
-        return Engine.from_pretrained(path, dtype=dtype, device=device)
+        return Engine.from_pretrained(path, dtype=args.dtype, device=args.device)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UserError(str(e)) from None
 

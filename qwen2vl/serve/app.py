@@ -180,7 +180,7 @@ async def collect(request: Request, scheduler: Scheduler, job: Job, events: asyn
     try:
         while True:
             try:
-                kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                kind, value = (await asyncio.wait_for(events.get(), DISCONNECT_POLL_S))[:2]
             except asyncio.TimeoutError:
                 if await request.is_disconnected():  # the finally below cancels the job
                     return JSONResponse(error_body(499, "client disconnected"), status_code=499)
@@ -205,7 +205,7 @@ async def stream_events(scheduler: Scheduler, job: Job, events: asyncio.Queue, i
     try:
         yield sse(chunk(ident, model, created, {"role": "assistant", "content": ""}))
         while True:
-            kind, value = await events.get()
+            kind, value = (await events.get())[:2]
             if kind == "delta":
                 yield sse(chunk(ident, model, created, {"content": value}))
             elif kind == "done":

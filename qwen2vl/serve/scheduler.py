@@ -1,26 +1,28 @@
-"""Continuous batching: one thread owns the model and steps every active request together.
+"""Continuous batching: one thread owns the model's decode loop and steps every active request together.
 
-The scheduler holds a KV cache of ``max_batch`` rows of ``max_len`` slots. Between decode steps it
-admits waiting jobs: each is prefilled alone into a cache just long enough for its prompt, and
-that row is copied into the next free row of the shared cache. Active rows are kept packed at
-the front: when row ``i`` of ``n`` finishes (or its client went away) the last active row is
-moved into it, so a step decodes exactly rows ``0..n-1`` through a view of the cache, and a row
-that is not in use is never stepped (it cannot grow). Each row samples with its own parameters
-and seed, so a request's tokens do not depend on which others share its steps.
+The scheduler owns a :class:`DecodeLoop` of ``max_batch`` rows of ``max_len`` slots, built once.
+Between steps it admits waiting jobs into free rows: the media of all jobs admitted together go
+through the vision tower in one packed call (at most ``vision_patches`` patches, at least one job),
+and each job's prompt is then prefilled into its row in chunks of ``prefill_chunk`` tokens, one
+chunk per loop step, so a long prompt never stalls the streams already running. A finished or
+cancelled job frees its row in place (nothing is copied). Each row samples with its own
+parameters and seed, so a request's tokens do not depend on which others share its steps.
 
 Results leave through each job's ``sink``, called on the scheduler thread with one event at a
-time: ``("delta", text)`` as text becomes safe to show, then ``("done", GenerationResult)``, or
-``("error", message)``. The HTTP server's sink hands events to an asyncio queue with
-``loop.call_soon_threadsafe``; offline batch puts them on a ``queue.Queue``.
+time: ``("delta", text, logprob_entries)`` as text becomes safe to show (the entries of the tokens
+behind it, [] without logprobs), then ``("done", GenerationResult)``, or ``("error", message)``.
+The HTTP server's sink hands events to an asyncio queue with ``loop.call_soon_threadsafe``;
+offline batch puts them on a ``queue.Queue``.
 
 Admission is bounded: ``reserve()`` takes one of ``max_queue`` places (raising QueueFull when
 none is left) before the caller spends time preprocessing, and ``submit()`` turns it into a
-waiting job.
+waiting job. ``cancel()`` drops a job from the queue at once, or from its row before the next step.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -29,11 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation.engine import Sequence
-from ..generation.sampling import SamplingParams, sample_rows
-from ..model import KVCache
+from ..generation.loop import DecodeLoop, TokenEvent
+from ..generation.sampling import SamplingParams
+from ..generation.sequence import Sequence
 
 log = logging.getLogger("qwen2vl.serve")
+VISION_PATCHES = 32768  # patches encoded together when several waiting jobs are admitted at once
 
 
 class QueueFull(Exception):
@@ -54,12 +57,17 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     seq: Sequence | None = None  # set on admission
-    admitted: float = 0.0
-    first_token: float = 0.0
+    row: int | None = None  # its row in the decode loop while admitted
+    sent_logprobs: int = 0  # logprob entries already sent with a delta
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.batch["input_ids"].shape[1])
+
+    @property
+    def patches(self) -> int:
+        return sum(int(self.batch[k].shape[0]) for k in ("pixel_values", "pixel_values_videos")
+                   if self.batch.get(k) is not None)
 
 
 class Scheduler:
@@ -69,20 +77,23 @@ class Scheduler:
         context capped at 8192 (the KV cache holds ``max_batch`` rows of this length)."""
         return max_model_len or min(engine.max_context, 8192)
 
-    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
+                 prefill_chunk: int | None = None, vision_patches: int = VISION_PATCHES):
+        """``prefill_chunk``: prompt tokens prefilled per step (default: the engine's)."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1")
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_len = min(max_len or engine.max_context, engine.max_context)
+        self.prefill_chunk = prefill_chunk or engine.prefill_chunk
+        self.vision_patches = vision_patches
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._reserved = 0
-        self._admitting: list[Job] = []  # taken from the queue, being prefilled
-        self._active: list[Job] = []  # index = cache row
-        self._cache: KVCache | None = None
-        self._deltas: torch.Tensor | None = None
+        self._admitting: list[Job] = []  # taken from the queue, media being encoded
+        self._rows: dict[int, Job] = {}  # loop row -> job
+        self._loop: DecodeLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.fault: str | None = None  # why the scheduler thread died, if it did
@@ -93,7 +104,7 @@ class Scheduler:
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="qwen2vl-scheduler", daemon=True)
+            self._thread = threading.Thread(target=self._loop_thread, name="qwen2vl-scheduler", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -146,13 +157,14 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"active": len(self._active), "admitting": len(self._admitting), "waiting": len(self._waiting),
-                    "reserved": self._reserved,
+            prefilling = sum(job.seq is not None and not job.seq.tokens for job in self._rows.values())
+            return {"active": len(self._rows) - prefilling, "admitting": len(self._admitting) + prefilling,
+                    "waiting": len(self._waiting), "reserved": self._reserved,
                     "max_batch": self.max_batch, "max_queue": self.max_queue, "max_model_len": self.max_len,
                     "fault": self.fault, **self.counters}
 
     # ------------------------------------------------------------------ the scheduler thread
-    def _loop(self) -> None:
+    def _loop_thread(self) -> None:
         try:
             with torch.inference_mode():
                 self._serve()
@@ -162,109 +174,104 @@ class Scheduler:
             reason = f"{type(err).__name__}: {err}"
             self.fault = reason
         with self._cond:
-            left = self._admitting + self._active + list(self._waiting)
-            self._admitting, self._active, self._waiting = [], [], deque()
+            left = self._admitting + list(self._rows.values()) + list(self._waiting)
+            self._admitting, self._rows, self._waiting = [], {}, deque()
         for job in left:
             self._fail(job, reason)
 
     def _serve(self) -> None:
-        engine = self.engine
-        self._cache = KVCache(engine.config.text, self.max_batch, self.max_len, engine.model.dtype, engine.device)
-        self._deltas = torch.zeros(self.max_batch, dtype=torch.long, device=engine.device)
+        self._loop = self.engine.new_loop(self.max_batch, self.max_len)
+        self._loop.chunk_size = self.prefill_chunk
         while True:
             with self._cond:
-                while not (self._stopping or self._waiting or self._active):
+                while not (self._stopping or self._waiting or self._rows):
                     self._cond.wait()
                 if self._stopping:
                     return
-                while self._waiting and len(self._active) + len(self._admitting) < self.max_batch:
-                    self._admitting.append(self._waiting.popleft())
-            while self._admitting:
-                self._admit(self._admitting[0])
+                self._admitting = self._take()
+            if self._admitting:
+                self._admit(self._admitting)
                 with self._cond:
-                    self._admitting.pop(0)
+                    self._admitting = []
             self._drop_cancelled()
-            if self._active:
+            if self._rows:
                 self._step()
 
-    def _admit(self, job: Job) -> None:
-        engine = self.engine
-        job.admitted = time.perf_counter()
-        if job.cancelled:
-            self.counters["cancelled"] += 1
-            return
+    def _take(self) -> list[Job]:
+        """Waiting jobs for the free rows, oldest first, within the packed vision budget (under the lock)."""
+        taken, patches = [], 0
+        free = self._loop.free_rows
+        while self._waiting and len(taken) < free:
+            job = self._waiting[0]
+            if taken and patches + job.patches > self.vision_patches:
+                break
+            taken.append(self._waiting.popleft())
+            patches += job.patches
+        return taken
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Encode the jobs' media in one vision call and queue their prefills (a job that fails alone is
+        refused alone)."""
+        live = [job for job in jobs if not job.cancelled]
+        self.counters["cancelled"] += len(jobs) - len(live)
         try:
-            batch = job.batch.to(engine.device) if hasattr(job.batch, "to") else job.batch
-            ids = batch["input_ids"]
-            mask = torch.ones_like(ids)
-            prompt = KVCache(engine.config.text, 1, ids.shape[1], engine.model.dtype, engine.device)
-            logits, deltas = engine.prefill(ids, mask, batch, prompt)
-            row = len(self._active)
-            self._cache.copy_row(row, prompt, 0, ids.shape[1])
-            self._deltas[row] = deltas[0]
-            job.seq = engine.new_sequence(job.params, logits.shape[-1], ids[0], int(deltas[0]))
-            self._active.append(job)
-            token = sample_rows(logits, [job.seq.sampler])[0]
-        except Exception as err:  # a bad request must not take the others down
-            log.exception("prefill failed")
-            if job in self._active:
-                self._free(self._active.index(job))
-            self._fail(job, f"prefill failed: {err}")
+            prompts = self.engine.prompts([job.batch for job in live])
+        except Exception:
+            if len(live) == 1:
+                log.exception("prefill failed")
+                self._fail(live[0], f"prefill failed: {sys.exc_info()[1]}")
+                return
+            for job in live:  # find the culprit: each on its own
+                self._admit([job])
             return
-        job.first_token = time.perf_counter()
-        if self._accept(job, token):
-            self._free(len(self._active) - 1)
+        for job, prompt in zip(live, prompts):
+            job.seq = self.engine.new_sequence(job.params, len(prompt), job.submitted)
+            try:
+                job.row = self._loop.admit(prompt, job.seq, owner=job)
+            except ValueError as err:
+                self._fail(job, str(err))
+                continue
+            with self._cond:
+                self._rows[job.row] = job
 
     def _step(self) -> None:
-        rows = len(self._active)
         try:
-            tokens = torch.tensor([job.seq.tokens[-1] for job in self._active], device=self.engine.device)
-            logits = self.engine.decode_step(tokens, self._deltas[:rows], self._cache.narrow(rows), padded=True)
-            chosen = sample_rows(logits, [job.seq.sampler for job in self._active])
+            events = self._loop.step()
         except Exception as err:
             log.exception("decode step failed")
-            for job in self._active:
-                self._fail(job, f"decode step failed: {err}")
-            self._cache.reset_rows(list(range(rows)))
-            self._active.clear()
+            with self._cond:
+                jobs, self._rows = list(self._rows.values()), {}
+            for job in jobs:
+                self._loop.release(job.row)
+                self._fail(job, f"decode step failed: {type(err).__name__}")
             return
         self.counters["steps"] += 1
-        self.counters["peak_batch"] = max(self.counters["peak_batch"], rows)
-        finished = [row for row, (job, token) in enumerate(zip(self._active, chosen)) if self._accept(job, token)]
-        for row in reversed(finished):
-            self._free(row)
+        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self._rows))
+        for event in events:
+            self._deliver(event)
 
-    def _accept(self, job: Job, token: int) -> bool:
-        """Give ``token`` to the job's sequence and its client; True when the job is finished."""
+    def _deliver(self, event: TokenEvent) -> None:
+        job, seq = event.owner, event.seq
         self.counters["generated_tokens"] += 1
-        delta = job.seq.add(token)
-        if delta:
-            self._emit(job, ("delta", delta))
-        if not job.seq.done:
-            return False
-        now = time.perf_counter()
-        timings = {"queue_s": job.admitted - job.submitted, "prefill_s": job.first_token - job.admitted,
-                   "time_to_first_token_s": job.first_token - job.submitted, "decode_s": now - job.first_token,
-                   "total_s": now - job.submitted}
-        self._emit(job, ("done", job.seq.result(timings)))
-        self.counters["completed"] += 1
-        return True
+        if event.delta or seq.done:
+            entries = []
+            if seq.logprobs is not None:
+                entries, job.sent_logprobs = seq.logprobs[job.sent_logprobs:], len(seq.logprobs)
+            if event.delta:
+                self._emit(job, ("delta", event.delta, entries))
+        if seq.done:  # the loop has freed its row
+            with self._cond:
+                self._rows.pop(job.row, None)
+            self._emit(job, ("done", seq.result()))
+            self.counters["completed"] += 1
 
     def _drop_cancelled(self) -> None:
-        for row in reversed(range(len(self._active))):
-            if self._active[row].cancelled:
-                self._free(row)
+        for row, job in list(self._rows.items()):
+            if job.cancelled:
+                self._loop.release(row)
+                with self._cond:
+                    self._rows.pop(row, None)
                 self.counters["cancelled"] += 1
-
-    def _free(self, row: int) -> None:
-        """Release cache row ``row``, moving the last active row into it to keep rows packed."""
-        last = len(self._active) - 1
-        if row != last:
-            self._cache.copy_row(row, self._cache, last, int(self._cache.lengths[last]))
-            self._deltas[row] = self._deltas[last]
-            self._active[row] = self._active[last]
-        self._active.pop()
-        self._cache.reset_rows([last])
 
     def _fail(self, job: Job, message: str) -> None:
         self.counters["failed"] += 1
