@@ -186,7 +186,7 @@ def test_admission_packs_the_media_of_waiting_requests_into_one_vision_call(base
     finally:
         del engine.model.encode_vision
     assert calls == [3]  # three images, one call
-    for (conversation, params), result in zip(requests, got):
+    for (conversation, _), result in zip(requests, got):
         assert result.token_ids == base.generate([conversation], max_new_tokens=6)[0].token_ids
     calls.clear()
     engine.model.encode_vision = counted
