@@ -72,7 +72,9 @@ def text(t):
 
 
 def reference(engine, conversation, **kwargs):
-    """The answer of Engine.generate, taken while the server is idle (the scheduler thread waits)."""
+    """The answer of Engine.generate, taken while the server is idle (the scheduler thread waits); the
+    server hides every special token by default (vLLM's skip_special_tokens=true)."""
+    kwargs.setdefault("skip_special_tokens", True)
     return engine.generate([conversation], **kwargs)[0]
 
 
@@ -139,17 +141,29 @@ def test_per_item_and_per_request_pixel_budgets(root, client):
 
 
 def test_stream_format_and_models(server):
-    body = {"model": MODEL, "messages": user(text("Hello")), "max_tokens": 5, "stream": True}
-    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    payloads = sse_payloads(r.text)
-    assert payloads[-1] == "[DONE]"
-    chunks = [json.loads(p) for p in payloads[:-1]]
-    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    last = chunks[-1]
-    assert last["choices"][0]["finish_reason"] in ("stop", "length")
-    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+    """Usage exactly once, as OpenAI sends it: only when asked, on a last chunk with no choices (every
+    other chunk then says ``"usage": null``); never on the finish chunk."""
+    for asked in (False, True):
+        body = {"model": MODEL, "messages": user(text("Hello")), "max_tokens": 5, "stream": True}
+        if asked:
+            body["stream_options"] = {"include_usage": True}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_payloads(r.text)
+        assert payloads[-1] == "[DONE]"
+        chunks = [json.loads(p) for p in payloads[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        with_usage = [c for c in chunks if c.get("usage")]
+        finish = chunks[-2] if asked else chunks[-1]
+        assert finish["choices"][0]["finish_reason"] in ("stop", "length")
+        if not asked:
+            assert with_usage == [] and all("usage" not in c for c in chunks)
+            continue
+        assert with_usage == [chunks[-1]] and chunks[-1]["choices"] == []
+        assert all(c["usage"] is None for c in chunks[:-1])
+        counts = chunks[-1]["usage"]
+        assert counts["total_tokens"] == counts["prompt_tokens"] + counts["completion_tokens"]
     models = httpx.get(f"{server.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
 
@@ -244,7 +258,7 @@ def test_scheduler_rows_are_independent_of_their_batch_mates(root, engine):
         user(text("Short.")),
     ]
     settings = [dict(max_new_tokens=5 + 4 * i, temperature=0.8 + 0.1 * i, top_k=40, seed=i) for i in range(5)]
-    expected = [reference(engine, c, **s) for c, s in zip(conversations, settings)]
+    expected = [reference(engine, c, skip_special_tokens=False, **s) for c, s in zip(conversations, settings)]
     scheduler = Scheduler(engine, max_batch=3, max_queue=8)
     done: queue.Queue = queue.Queue()
     for i, (c, s) in enumerate(zip(conversations, settings)):

@@ -89,7 +89,7 @@ CASES = [
     ("empty messages", {"messages": []}, 400, "invalid_value", "must not be empty"),
     ("message not an object", {"messages": ["hi"]}, 422, "invalid_type", "messages[0] must be an object"),
     ("missing role", {"messages": [{"content": "hi"}]}, 422, "missing_field", "messages[0].role is required"),
-    ("role not a string", {"messages": [{"role": 3, "content": "hi"}]}, 422, "invalid_type", "role must be a string"),
+    ("role not a string", {"messages": [{"role": 3, "content": "hi"}]}, 400, "invalid_value", "role must be 'system'"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "'wizard'"),
     ("user without content", {"messages": [{"role": "user"}]}, 422, "missing_field", "content is required"),
     ("content a number", {"messages": [{"role": "user", "content": 5}]}, 422, "invalid_type", "content must be"),
@@ -122,21 +122,21 @@ CASES = [
      "over the limit of 3"),
     ("media option mistyped", msg(image(b64(png_bytes()), max_pixels="big")), 422, "invalid_type",
      "max_pixels must be a number"),
-    ("media option negative", msg(image(b64(png_bytes()), max_pixels=-5)), 400, "invalid_media", "max_pixels=-5"),
+    ("media option negative", msg(image(b64(png_bytes()), max_pixels=-5)), 400, "invalid_value", "max_pixels must be > 0"),
     ("min above max pixels", msg(image(b64(png_bytes()), min_pixels=9000, max_pixels=4000)), 400, "invalid_media",
      "above max_pixels"),
     ("placeholder in text", msg({"type": "text", "text": "<|image_pad|>"}), 400, "invalid_media", "<|image_pad|>"),
     ("prompt over the context", with_(messages=[{"role": "user", "content": "word " * 6000}]), 400,
      "context_length_exceeded", "over the budget"),
     ("max_tokens over the context", with_(max_tokens=5000), 400, "context_length_exceeded", "no room for a prompt"),
-    ("max_tokens zero", with_(max_tokens=0), 400, "invalid_value", "max_tokens must be an integer >= 1"),
+    ("max_tokens zero", with_(max_tokens=0), 400, "invalid_value", "max_tokens must be >= 1, got 0"),
     ("max_tokens a string", with_(max_tokens="10"), 422, "invalid_type", "max_tokens must be an integer"),
     ("max_tokens a float", with_(max_tokens=2.5), 422, "invalid_type", "max_tokens must be an integer"),
-    ("negative temperature", with_(temperature=-1), 400, "invalid_value", "temperature must be a number >= 0"),
+    ("negative temperature", with_(temperature=-1), 400, "invalid_value", "temperature must be >= 0"),
     ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
      "invalid_value", "finite"),
     ("temperature a string", with_(temperature="hot"), 422, "invalid_type", "temperature must be a number"),
-    ("top_p zero", with_(top_p=0), 400, "invalid_value", "top_p must be a number in (0, 1]"),
+    ("top_p zero", with_(top_p=0), 400, "invalid_value", "top_p must be > 0"),
     ("top_p above one", with_(top_p=1.5), 400, "invalid_value", "top_p"),
     ("top_k below -1", with_(top_k=-3), 400, "invalid_value", "top_k"),
     ("top_k a float", with_(top_k=1.5), 422, "invalid_type", "top_k must be an integer"),
@@ -144,12 +144,48 @@ CASES = [
     ("seed a string", with_(seed="x"), 422, "invalid_type", "seed must be an integer"),
     ("stop a number", with_(stop=5), 422, "invalid_type", "stop must be a string or a list"),
     ("empty stop string", with_(stop=[""]), 400, "invalid_value", "must not be empty"),
-    ("n = 2", with_(n=2), 400, "invalid_value", "n must be 1"),
+    ("n over the limit", with_(n=17), 400, "invalid_value", "n must be <= 16"),
     ("stream not a bool", with_(stream="yes"), 422, "invalid_type", "stream must be true or false"),
-    ("unknown argument", with_(temprature=0.5), 400, "unknown_parameter", "temprature"),
-    ("tools unsupported", with_(tools=[]), 400, "unsupported_parameter", "tools"),
+    ("tools unsupported", with_(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "unsupported_parameter", "tools"),
+    ("logit_bias unsupported", with_(logit_bias={"5": 1.0}), 400, "unsupported_parameter", "logit_bias"),
     ("frequency penalty", with_(frequency_penalty=0.5), 400, "invalid_value", "use repetition_penalty"),
     ("unknown model", with_(model="gpt-4"), 404, "model_not_found", "'gpt-4'"),
+    # the holes of issue 13
+    ("100k-deep nested JSON", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "invalid_json",
+     "recursion limit"),
+    ("deep JSON in an unknown field", b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b', "messages": []}', 400,
+     "invalid_json", "recursion limit"),
+    ("Infinity in min_pixels", b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
+     b'{"url": "ok.png"}, "min_pixels": Infinity}]}]}', 400, "invalid_value", "min_pixels must be a finite number"),
+    ("NaN in nframes", b'{"messages": [{"role": "user", "content": [{"type": "video", "video": "a.mp4", '
+     b'"nframes": NaN}]}]}', 422, "invalid_type", "nframes must be an integer"),
+    ("NaN in max_pixels", b'{"messages": [{"role": "user", "content": "hi"}], "max_pixels": NaN}', 400,
+     "invalid_value", "max_pixels must be a finite number"),
+    ("number too big for a float", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 1e400}', 400,
+     "invalid_value", "top_p must be a finite number"),
+    ("lone surrogate in text", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "invalid_json",
+     "not valid JSON"),
+    ("NUL byte in a path", msg({"type": "image", "image": "ok.png\x00.txt"}), 400, "invalid_value",
+     "NUL character"),
+    ("upper-case remote scheme", msg(image("HTTP://127.0.0.1:9/cat.png")), 403, "remote_media_disabled",
+     "--allow-remote-media"),
+    ("remote URL on a non-HTTP port", msg(image("http://127.0.0.1:22/x.png")), 403, "remote_media_disabled",
+     "--allow-remote-media"),
+    ("temperature 1e6", with_(temperature=1e6), 400, "invalid_value", "temperature must be <= 2"),
+    ("top_k 1e12", with_(top_k=10 ** 12), 400, "invalid_value", "top_k must be <= 1048576"),
+    ("repetition_penalty 1e300", with_(repetition_penalty=1e300), 400, "invalid_value",
+     "repetition_penalty must be <= 10"),
+    ("seed over int64", with_(seed=2 ** 64), 400, "invalid_value", "seed must be <="),
+    ("top_logprobs without logprobs", with_(top_logprobs=3), 400, "invalid_value", "needs logprobs"),
+    ("top_logprobs over 20", with_(logprobs=True, top_logprobs=21), 400, "invalid_value", "top_logprobs"),
+    ("json_schema without a schema", with_(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+     400, "missing_field", "json_schema.schema is required"),
+    ("unknown response_format", with_(response_format={"type": "yaml"}), 400, "invalid_value",
+     "response_format.type"),
+    ("too many stop strings", with_(stop=["a"] * 17), 400, "invalid_value", "over the limit of 16"),
+    ("stop_token_ids negative", with_(stop_token_ids=[-1]), 400, "invalid_value", "stop_token_ids[0]"),
+    ("min_tokens negative", with_(min_tokens=-1), 400, "invalid_value", "min_tokens must be >= 0"),
     ("body too large", {"messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]}, 413, "request_too_large",
      "over the limit"),
 ]
@@ -166,6 +202,28 @@ def test_bad_request(server, name, body, status, code, phrase):
     assert error["code"] == code
     assert phrase in error["message"]
     assert error["type"] == {403: "permission_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+
+
+# null means absent; [] and {} mean none; OpenAI's unused fields and vLLM's extras are accepted
+ACCEPTED = [
+    with_(tools=None, tool_choice=None, response_format=None, top_logprobs=None, logit_bias=None, stop=None,
+          seed=None, temperature=None, stream_options=None, user=None, n=None, stream=None, logprobs=None),
+    with_(tools=[], logit_bias={}, tool_choice="none", frequency_penalty=0, presence_penalty=0.0),
+    with_(min_tokens=1, stop_token_ids=[5], skip_special_tokens=False, ignore_eos=True, top_k=-1,
+          chat_template_kwargs={"enable_thinking": False}, add_generation_prompt=True, priority=0,
+          store=False, metadata={"a": "b"}, parallel_tool_calls=True, temprature=0.5, best_of=None,
+          max_completion_tokens=2),
+    with_(messages=[{"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "u"},
+                    {"role": "assistant", "content": None}, {"role": "user", "content": "again"}]),
+]
+
+
+@pytest.mark.parametrize("body", ACCEPTED, ids=["nulls", "empty tools and logit_bias", "vllm extras", "messages"])
+def test_absent_empty_and_extra_fields_are_accepted(server, body):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_other_routes_and_methods_answer_in_openai_json(server):
@@ -197,7 +255,8 @@ def test_remote_media_when_allowed_with_a_size_cap(root, tmp_path):
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_address[1]}"
     engine = Engine.from_pretrained(root / "model")
-    settings = ServeSettings(model_name="tiny", allow_remote_media=True, max_remote_bytes=3000)
+    settings = ServeSettings(model_name="tiny", allow_remote_media=True, max_remote_bytes=3000,
+                             allow_private_media_addresses=True)
     try:
         with ServerThread(create_app(engine, settings)) as server:
             r = httpx.post(f"{server.url}/v1/chat/completions", json=msg(image(f"{base}/small.png"), TEXT), timeout=60)
@@ -205,7 +264,7 @@ def test_remote_media_when_allowed_with_a_size_cap(root, tmp_path):
             r = httpx.post(f"{server.url}/v1/chat/completions", json=msg(image(f"{base}/big.png"), TEXT), timeout=60)
             assert r.status_code == 413 and r.json()["error"]["code"] == "media_too_large"
             r = httpx.post(f"{server.url}/v1/chat/completions", json=msg(image(f"{base}/none.png"), TEXT), timeout=60)
-            assert r.status_code == 400 and "cannot download" in r.json()["error"]["message"]
+            assert r.status_code == 400 and r.json()["error"]["code"] == "media_unreachable"
     finally:
         files.shutdown()
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .sources import MediaAccess, MediaError, describe, read_source
+from .sources import MediaAccess, MediaError, describe, read_source, safe_reason
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -96,7 +96,8 @@ def open_image(source, access: MediaAccess | None = None,
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise MediaError(f"image {describe(source)} is too large to decode safely", "image_too_large") from None
         except (OSError, ValueError, SyntaxError) as err:
-            raise MediaError(f"cannot decode image {describe(source)}: {err}") from None
+            reason = safe_reason(err, data if isinstance(data, str) else None)
+            raise MediaError(f"cannot decode image {describe(source)}: {reason}") from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise MediaError(f"image {describe(source)} has zero size ({width}x{height})")
@@ -123,7 +124,8 @@ def decode_rgb(image: Image.Image, source=None) -> Image.Image:
             image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as err:
-        raise MediaError(f"cannot decode image {describe(source if source is not None else image)}: {err}") \
+        reason = safe_reason(err, getattr(image, "filename", None) or None)
+        raise MediaError(f"cannot decode image {describe(source if source is not None else image)}: {reason}") \
             from None
 
 

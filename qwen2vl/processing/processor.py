@@ -8,6 +8,7 @@ and resize the pixels (image.py, video.py) and expand each ``<|image_pad|>``/``<
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,11 +34,21 @@ from .image import (
     resize_image,
     smart_resize,
 )
-from .sources import MAX_REMOTE_BYTES, REMOTE_TIMEOUT_S, MediaAccess, MediaError, describe, read_source
+from .sources import (
+    MAX_REMOTE_BYTES,
+    REMOTE_TIMEOUT_S,
+    MediaAccess,
+    MediaError,
+    describe,
+    read_source,
+    safe_reason,
+)
 from .tokenizer import Tokenizer
 from .video import (
     IMAGE_MAX_TOKENS,
     IMAGE_MIN_TOKENS,
+    MAX_VIDEO_FRAME_PIXELS,
+    MAX_VIDEO_PIXELS,
     frame_indices,
     frame_range,
     probe_video,
@@ -101,7 +112,9 @@ class Processor:
     Image sizes: ``smart_resize`` with ``min_pixels``/``max_pixels`` (defaults from
     preprocessor_config.json, else transformers' 3136 and 1003520), overridable per item; videos
     follow qwen-vl-utils 0.0.14 budgets. Remote (http/https) media is off unless
-    ``allow_remote_media``; ``allowed_media_dir`` restricts local files to one directory.
+    ``allow_remote_media``; ``allowed_media_dir`` restricts local files to one directory. These
+    form the default media policy (``self.access``); a caller serving others (the server) passes
+    its own ``MediaAccess`` per call instead of changing the processor.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
@@ -160,23 +173,25 @@ class Processor:
 
     def encode(self, conversation: list[dict], add_generation_prompt: bool = True, return_labels: bool = False,
                add_vision_id: bool = False, max_tokens: int | None = None,
-               allow_remote_media: bool | None = None) -> Sample:
+               allow_remote_media: bool | None = None, access: MediaAccess | None = None) -> Sample:
         """Encode one conversation (unpadded). ``max_tokens`` bounds the whole prompt; a prompt over it
-        fails before any pixel is decoded, naming the item that crosses it."""
+        fails before any pixel is decoded, naming the item that crosses it. ``access`` replaces the
+        processor's media policy for this call; ``allow_remote_media`` overrides its ``allow_remote``."""
+        access = access or self.access
+        if allow_remote_media is not None:
+            access = dataclasses.replace(access, allow_remote=allow_remote_media)
         rendered = render_chat(conversation, add_generation_prompt, add_vision_id)
         ids, offsets = self.tokenizer.encode_with_offsets(rendered.text)
+        access.check_deadline("tokenizing")
         ids_np = np.asarray(ids, dtype=np.int64)
         self._check_placeholders(ids_np, rendered)
-        access = self.access
-        if allow_remote_media is not None:
-            access = MediaAccess(allow_remote_media, access.allowed_media_dir, access.timeout_s,
-                                 access.max_remote_bytes)
         plans = [self._plan(part, access) for part in rendered.media]
         merge = self.merge_size ** 2
         self._check_budget(len(ids), [(p.part, math.prod(p.grid) // merge) for p in plans], max_tokens)
 
         images, videos, media = [], [], []
         for plan in plans:
+            access.check_deadline(plan.part.where)
             pixels, grid = self._pixels(plan)
             (images if plan.part.kind == "image" else videos).append((pixels, grid))
             media.append(MediaInfo(plan.part.kind, describe(plan.part.source), plan.part.message_index,
@@ -234,6 +249,7 @@ class Processor:
     # ----------------------------------------------------------------------- media
 
     def _plan(self, part: MediaPart, access: MediaAccess) -> _Plan:
+        access.check_deadline(part.where)
         try:
             options = self._options(part)
             if part.kind == "image":
@@ -242,17 +258,18 @@ class Processor:
                 return self._plan_frame_list(part, options, access)
             return self._plan_video(part, options, access)
         except MediaError as err:
-            raise MediaError(f"{part.where}: {err}", err.kind) from None
+            raise MediaError(f"{part.where}: {err}", err.kind, part.where) from None
         except ValueError as err:
-            raise MediaError(f"{part.where} {describe(part.source)}: {err}") from None
+            raise MediaError(f"{part.where} {describe(part.source)}: {safe_reason(err)}", where=part.where) from None
 
     def _pixels(self, plan: _Plan) -> tuple[torch.Tensor, tuple[int, int, int]]:
         try:
             frames = plan.load()
         except MediaError as err:
-            raise MediaError(f"{plan.part.where}: {err}", err.kind) from None
+            raise MediaError(f"{plan.part.where}: {err}", err.kind, plan.part.where) from None
         except ValueError as err:
-            raise MediaError(f"{plan.part.where} {describe(plan.part.source)}: {err}") from None
+            raise MediaError(f"{plan.part.where} {describe(plan.part.source)}: {safe_reason(err)}",
+                             where=plan.part.where) from None
         return frames_to_patches(frames, self.patch_size, self.merge_size, self.temporal_patch_size,
                                  self.image_mean, self.image_std)
 
@@ -278,7 +295,7 @@ class Processor:
                             options.get("max_pixels", self.max_pixels))
 
     def _plan_image(self, part: MediaPart, options: dict, access: MediaAccess) -> _Plan:
-        image, (height, width) = open_image(part.source, access, self.max_image_pixels)
+        image, (height, width) = open_image(part.source, access, access.max_image_pixels or self.max_image_pixels)
         target = self._image_target(height, width, options)
 
         def load() -> np.ndarray:
@@ -296,6 +313,7 @@ class Processor:
         start, end = frame_range(probe.total_frames, probe.fps, options.get("video_start"), options.get("video_end"))
         n = smart_nframes(end - start + 1, probe.fps, options.get("fps"), options.get("nframes"),
                           options.get("min_frames"), options.get("max_frames"))
+        _check_decoded_pixels(n, probe.height, probe.width, access)
         indices = frame_indices(start, end, n)
         height, width = video_frame_size(probe.height, probe.width, n, self.factor, options.get("min_pixels"),
                                          options.get("max_pixels"), options.get("total_pixels"),
@@ -308,10 +326,15 @@ class Processor:
         if not part.source:
             raise ValueError("the video has no frames")
         factor = 2 * self.factor
-        opened, sizes = [], []
+        opened, sizes, decoded = [], [], 0
         for i, frame in enumerate(part.source):
             try:
-                image, (h, w) = open_image(frame, access, self.max_image_pixels)
+                image, (h, w) = open_image(frame, access, access.max_image_pixels or self.max_image_pixels)
+                decoded += h * w
+                limit = access.max_video_pixels or MAX_VIDEO_PIXELS
+                if decoded > limit:
+                    raise MediaError(f"the frames up to this one decode to {decoded} pixels, over the limit of "
+                                     f"{limit} decoded pixels per video", "image_too_large")
                 if "resized_height" in options and "resized_width" in options:
                     h, w = options["resized_height"], options["resized_width"]
                     size = qwen_vl_utils_resize(h, w, factor, IMAGE_MIN_TOKENS * factor ** 2,
@@ -373,10 +396,23 @@ class Processor:
 
     def __call__(self, conversations, add_generation_prompt: bool = True, return_labels: bool = False,
                  max_tokens: int | None = None, add_vision_id: bool = False,
-                 allow_remote_media: bool | None = None) -> Batch:
+                 allow_remote_media: bool | None = None, access: MediaAccess | None = None) -> Batch:
         """Encode a list of conversations (or one conversation) and collate them."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         samples = [self.encode(c, add_generation_prompt, return_labels, add_vision_id, max_tokens,
-                               allow_remote_media) for c in conversations]
+                               allow_remote_media, access) for c in conversations]
         return self.collate(samples)
+
+
+def _check_decoded_pixels(frames: int, height: int, width: int, access: MediaAccess) -> None:
+    """Refuse a video whose sampled frames would decode to more pixels than the policy allows
+    (sizes from the container, before any frame is decoded)."""
+    per_frame = access.max_video_frame_pixels or MAX_VIDEO_FRAME_PIXELS
+    if height * width > per_frame:
+        raise MediaError(f"video frames are {width}x{height} = {height * width} pixels, over the limit of "
+                         f"{per_frame} decoded pixels per frame", "image_too_large")
+    total = access.max_video_pixels or MAX_VIDEO_PIXELS
+    if frames * height * width > total:
+        raise MediaError(f"{frames} sampled frames of {width}x{height} decode to {frames * height * width} pixels, "
+                         f"over the limit of {total} decoded pixels per video", "image_too_large")

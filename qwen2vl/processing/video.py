@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sources import MediaError, describe
+from .sources import MediaError, describe, safe_reason
 
 FPS = 2.0
 FRAME_FACTOR = 2
@@ -37,6 +37,8 @@ MODEL_SEQ_LEN = 128000  # total pixel budget = MODEL_SEQ_LEN * factor^2 * 0.9 (9
 IMAGE_MIN_TOKENS = 4  # qwen-vl-utils' own image bounds, used for listed frames and resized_* sizes
 IMAGE_MAX_TOKENS = 16384
 MAX_RATIO = 200
+MAX_VIDEO_FRAME_PIXELS = 4096 * 4096  # decoded pixels per source frame (4K video fits; 8192x8192 does not)
+MAX_VIDEO_PIXELS = 768 * 1920 * 1080  # decoded pixels of all sampled frames of one video (768 full-HD frames)
 _SEEK_MIN_FRAMES = 16  # seek only when it skips at least this many frames
 _RESIZE_CHUNK = 8  # frames resized per interpolate call (bounds float32 memory)
 
@@ -186,7 +188,8 @@ def _open_container(data: str | bytes, source):
     try:
         container = av.open(io.BytesIO(data) if isinstance(data, bytes) else data, mode="r")
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise MediaError(f"cannot open video {describe(source)}: {err}") from None
+        reason = safe_reason(err, data if isinstance(data, str) else None)
+        raise MediaError(f"cannot open video {describe(source)}: {reason}") from None
     if not container.streams.video:
         container.close()
         raise MediaError(f"{describe(source)} has no video stream")
@@ -218,7 +221,7 @@ def probe_video(data: str | bytes, source=None) -> VideoProbe:
                     keyframes.append(ts)
         height, width = stream.codec_context.height, stream.codec_context.width
     except av.FFmpegError as err:
-        raise MediaError(f"cannot read video {describe(source)}: {err}") from None
+        raise MediaError(f"cannot read video {describe(source)}: {safe_reason(err, _path(data))}") from None
     finally:
         container.close()
     if count == 0 or not rate or width <= 0 or height <= 0:
@@ -229,9 +232,13 @@ def probe_video(data: str | bytes, source=None) -> VideoProbe:
                       sorted(keyframes) if known else [])
 
 
+def _path(data: str | bytes) -> str | None:
+    return data if isinstance(data, str) else None
+
+
 def decode_frames(data: str | bytes, probe: VideoProbe, indices: list[int], source=None) -> np.ndarray:
     """Decode the frames at sorted ``indices`` (presentation order) as uint8 RGB ``(n, H, W, 3)``."""
-    return np.stack(list(_checked(iter_frames(data, probe, indices, source), source)))
+    return np.stack(list(_checked(iter_frames(data, probe, indices, source), source, _path(data))))
 
 
 def read_frames(data: str | bytes, probe: VideoProbe, indices: list[int], height: int, width: int,
@@ -240,7 +247,7 @@ def read_frames(data: str | bytes, probe: VideoProbe, indices: list[int], height
     next frames decode (both release the GIL)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending, chunk = [], []
-        for frame in _checked(iter_frames(data, probe, indices, source), source):
+        for frame in _checked(iter_frames(data, probe, indices, source), source, _path(data)):
             chunk.append(frame)
             if len(chunk) == _RESIZE_CHUNK:
                 pending.append(pool.submit(resize_frames, np.stack(chunk), height, width))
@@ -269,13 +276,13 @@ def iter_frames(data: str | bytes, probe: VideoProbe, indices: list[int], source
     yield from itertools.islice(_iter_in_order(data, probe, indices, source), done, None)
 
 
-def _checked(frames: Iterator[np.ndarray], source) -> Iterator[np.ndarray]:
+def _checked(frames: Iterator[np.ndarray], source, path: str | None) -> Iterator[np.ndarray]:
     import av
 
     try:
         yield from frames
     except av.FFmpegError as err:
-        raise MediaError(f"cannot decode video {describe(source)}: {err}") from None
+        raise MediaError(f"cannot decode video {describe(source)}: {safe_reason(err, path)}") from None
 
 
 class _InOrder(Exception):

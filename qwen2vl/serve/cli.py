@@ -4,8 +4,8 @@
     qwen2vl serve --model DIR --port 8080 --allowed-media-dir ./media --max-batch 16
 
 Open http://127.0.0.1:8000/ for the chat page, or point any OpenAI client at
-http://127.0.0.1:8000/v1. The server has no authentication: it binds to loopback unless --host
-says otherwise.
+http://127.0.0.1:8000/v1. Without --api-key the server has no authentication: it binds to
+loopback unless --host says otherwise. docs/serving.md lists what is off by default.
 """
 
 from __future__ import annotations
@@ -28,10 +28,15 @@ def add_serving_options(parser: argparse.ArgumentParser) -> None:
                         help="answer length when a request gives no max_tokens (default 512)")
     parser.add_argument("--allowed-media-dir", help="local media files may be read from this directory only")
     parser.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image and video URLs")
-    parser.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per remote download (default 10)")
+    parser.add_argument("--remote-timeout", type=float, default=10.0,
+                        help="seconds per remote download, all redirects and the body included (default 10)")
     parser.add_argument("--max-remote-mb", type=float, default=64, help="size cap per remote download (default 64)")
     parser.add_argument("--max-media-items", type=int, default=16, help="images + videos per request (default 16)")
     parser.add_argument("--max-image-pixels", type=int, help="decoded pixels per image (decompression bomb guard)")
+    parser.add_argument("--max-video-frame-pixels", type=int,
+                        help="decoded pixels per source video frame (default 4096*4096)")
+    parser.add_argument("--max-video-pixels", type=int,
+                        help="decoded pixels of all sampled frames of one video (default 768*1920*1080)")
 
 
 def check_serving_options(args) -> None:
@@ -52,11 +57,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint's folder name)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     parser.add_argument("--max-request-mb", type=float, default=64, help="request body size cap (default 64)")
+    parser.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: $QWEN2VL_API_KEY, else none)")
+    parser.add_argument("--allowed-origins", nargs="*", default=[],
+                        help="browser origins allowed to call the API (e.g. https://app.example:3000, or *)")
+    parser.add_argument("--allowed-media-domains", nargs="*",
+                        help="host names remote media may come from (default: any, when --allow-remote-media)")
+    parser.add_argument("--allow-private-media-addresses", action="store_true",
+                        help="let remote media come from loopback, link-local and private addresses")
+    parser.add_argument("--prepare-workers", type=int, default=2,
+                        help="threads that tokenize and decode media (default 2)")
+    parser.add_argument("--prepare-timeout", type=float, default=60.0,
+                        help="seconds to prepare one request: tokenizing, downloads, decoding (default 60)")
     add_serving_options(parser)
     args = parser.parse_args(argv)
     check_serving_options(args)
     if args.max_queue < 1:
         raise UserError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.prepare_workers < 1 or args.prepare_timeout <= 0:
+        raise UserError("--prepare-workers must be >= 1 and --prepare-timeout > 0")
 
     import uvicorn
 
@@ -69,9 +87,14 @@ def main(argv: list[str]) -> int:
         default_max_tokens=args.default_max_tokens, max_media_items=args.max_media_items,
         max_request_bytes=int(args.max_request_mb * (1 << 20)), allowed_media_dir=args.allowed_media_dir,
         allow_remote_media=args.allow_remote_media, remote_timeout_s=args.remote_timeout,
-        max_remote_bytes=int(args.max_remote_mb * (1 << 20)), max_image_pixels=args.max_image_pixels)
-    if not _is_loopback(args.host):
-        print(f"qwen2vl serve: warning: binding to {args.host}; the server has no authentication", file=sys.stderr)
+        max_remote_bytes=int(args.max_remote_mb * (1 << 20)), max_image_pixels=args.max_image_pixels,
+        max_video_frame_pixels=args.max_video_frame_pixels, max_video_pixels=args.max_video_pixels,
+        allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
+        allow_private_media_addresses=args.allow_private_media_addresses, prepare_workers=args.prepare_workers,
+        prepare_timeout_s=args.prepare_timeout, api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY") or None,
+        allowed_origins=tuple(args.allowed_origins))
+    if not _is_loopback(args.host) and settings.api_key is None:
+        print(f"qwen2vl serve: warning: binding to {args.host} without --api-key", file=sys.stderr)
     print(f"qwen2vl serve: {name} on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
     return 0

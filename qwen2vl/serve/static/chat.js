@@ -169,8 +169,9 @@ async function send(text) {
   showUser(text, images);
 
   const view = assistantView();
+  // skip_special_tokens false: the grounding tokens (<|box_start|>...) stay in the text, to draw boxes
   const body = { messages: state.history, stream: true, stream_options: { include_usage: true },
-                 max_tokens: Number($("max-tokens").value) || undefined,
+                 skip_special_tokens: false, max_tokens: Number($("max-tokens").value) || undefined,
                  temperature: Number($("temperature").value) };
   if (state.model) body.model = state.model;
   let raw = "", usage = null;
