@@ -13,6 +13,10 @@ Parts: ``{"type": "text", "text": ...}``; images as ``{"type": "image", "image":
 ``{"type": "image_url", "image_url": {"url": src}}`` (or a plain url string); videos as
 ``{"type": "video", "video": src}`` or ``{"type": "video_url", "video_url": {"url": src}}``.
 The Jinja template knows no ``video_url`` part and renders nothing for it; here it is a video.
+
+Function calling (the Instruct template has no tools branch): ``render_chat(..., tools=[...],
+tool_format="hermes" | "qwen")`` adds the tool block to the system turn and renders OpenAI-style
+assistant ``tool_calls`` and ``tool`` messages; the formats are described in :mod:`qwen2vl.agent.tools`.
 """
 
 from __future__ import annotations
@@ -83,62 +87,177 @@ def _check_text(text, where: str) -> str:
     return text
 
 
-def render_chat(conversation: list[dict], add_generation_prompt: bool = True,
-                add_vision_id: bool = False) -> RenderedChat:
-    """Render a conversation with the Qwen2-VL Instruct template (see the module docstring)."""
+def render_chat(conversation: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False, *,
+                tools: list | None = None, tool_format: str = "hermes",
+                parallel_tool_calls: bool = False) -> RenderedChat:
+    """Render a conversation with the Qwen2-VL Instruct template (see the module docstring).
+
+    ``tools`` (OpenAI tool dicts) add the tool block of ``tool_format`` ("hermes" or "qwen", see
+    :mod:`qwen2vl.agent.tools`) to the system turn, after the system text (or the default one) and a
+    blank line. Assistant messages with OpenAI ``tool_calls`` and ``tool`` messages (content text or
+    parts, images allowed) are rendered in that format whether or not ``tools`` are given.
+    """
+    from ..agent.tools import check_format, tools_block
+
     if not isinstance(conversation, (list, tuple)) or not conversation:
         raise ValueError("a conversation must be a non-empty list of messages")
-    out: list[str] = []
-    length = 0
-    rendered = RenderedChat(text="")
-    counts = {"image": 0, "video": 0}
-
-    def emit(text: str) -> None:
-        nonlocal length
-        out.append(text)
-        length += len(text)
-
+    check_format(tool_format)
+    block = tools_block(tools, tool_format, parallel_tool_calls) if tools else None
+    writer = _Writer(add_vision_id)
+    turn_open = False  # the previous turn is still open (qwen: results or a reply continue the assistant turn)
     for m, message in enumerate(conversation):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ValueError(f"message {m} must be a dict with a string 'role'")
         role = message["role"]
+        previous = conversation[m - 1]["role"] if m else None
         if m == 0 and role != "system":
-            emit(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
-        emit(f"<|im_start|>{role}\n")
-        start = length
-        content = message.get("content")
-        if content is None:
-            content = ""
-        if isinstance(content, str):
-            emit(_check_text(content, f"message {m}"))
-        elif isinstance(content, (list, tuple)):
-            for p, part in enumerate(content):
-                where = f"message {m}, part {p}"
-                if not isinstance(part, dict):
-                    raise ValueError(f"{where}: a content part must be a dict, got {type(part).__name__}")
-                kind = classify_part(part)
-                if kind in ("image", "video"):
-                    counts[kind] += 1
-                    source = _media_source(part, kind, where)
-                    rendered.media.append(MediaPart(kind, source, part, m, p, counts[kind]))
-                    if add_vision_id:
-                        emit(f"{'Picture' if kind == 'image' else 'Video'} {counts[kind]}: ")
-                    emit(_IMAGE if kind == "image" else _VIDEO)
-                elif kind == "text":
-                    emit(_check_text(part["text"], where))
-                else:
-                    raise ValueError(f"{where}: unsupported content part (type {part.get('type')!r}); "
-                                     f"expected text, image, image_url, video or video_url")
-        else:
-            raise ValueError(f"message {m}: content must be a string or a list of parts")
-        emit("<|im_end|>")
+            writer.text(f"<|im_start|>system\n{DEFAULT_SYSTEM}" + (f"\n\n{block}" if block else "") + "<|im_end|>\n")
+        if role == "tool":
+            nxt = conversation[m + 1].get("role") if m + 1 < len(conversation) and isinstance(conversation[m + 1], dict) else None
+            turn_open = _tool_result(writer, message, m, (previous, nxt), tool_format, turn_open)
+            continue
+        if turn_open:
+            if role == "assistant":  # qwen: the reply after the results, in the same turn
+                writer.text(": ", train=True)
+                _assistant_body(writer, message, m, tool_format, continued=True)
+                if not _ends_open(conversation, m, tool_format):
+                    writer.text("<|im_end|>", train=True)
+                    writer.text("\n")
+                    turn_open = False
+                continue
+            writer.text(": <|im_end|>\n")
+            turn_open = False
+        writer.text(f"<|im_start|>{role}\n")
         if role == "assistant":
-            rendered.train_spans.append((start, length))
-        emit("\n")
-    if add_generation_prompt:
-        emit("<|im_start|>assistant\n")
-    rendered.text = "".join(out)
-    return rendered
+            _assistant_body(writer, message, m, tool_format, continued=False)
+            if _ends_open(conversation, m, tool_format):
+                turn_open = True
+                continue
+            writer.text("<|im_end|>", train=True)
+        else:
+            writer.content(message.get("content"), m)
+            if role == "system" and m == 0 and block:
+                writer.text(f"\n\n{block}")
+            writer.text("<|im_end|>")
+        writer.text("\n")
+    if turn_open:  # qwen: the answer continues after the results (the caller's ": " is left to the model)
+        if not add_generation_prompt:
+            writer.text(": <|im_end|>\n")
+    elif add_generation_prompt:
+        writer.text("<|im_start|>assistant\n")
+    return writer.rendered()
+
+
+class _Writer:
+    """Accumulates the text, the media parts in order and the trained character spans."""
+
+    def __init__(self, add_vision_id: bool):
+        self.out: list[str] = []
+        self.length = 0
+        self.add_vision_id = add_vision_id
+        self.media: list[MediaPart] = []
+        self.spans: list[tuple[int, int]] = []
+        self.counts = {"image": 0, "video": 0}
+        self.train = False  # the text being written is trained on (assistant content)
+
+    def text(self, text: str, train: bool | None = None) -> None:
+        train = self.train if train is None else train
+        if train and text:
+            if self.spans and self.spans[-1][1] == self.length:
+                self.spans[-1] = (self.spans[-1][0], self.length + len(text))
+            else:
+                self.spans.append((self.length, self.length + len(text)))
+        self.out.append(text)
+        self.length += len(text)
+
+    def content(self, content, m: int, train: bool = False) -> None:
+        """A message's content: a string, or text / image / video parts."""
+        self.train = train
+        try:
+            if content is None:
+                content = ""
+            if isinstance(content, str):
+                self.text(_check_text(content, f"message {m}"))
+            elif isinstance(content, (list, tuple)):
+                for p, part in enumerate(content):
+                    self._part(part, m, p)
+            else:
+                raise ValueError(f"message {m}: content must be a string or a list of parts")
+        finally:
+            self.train = False
+
+    def _part(self, part, m: int, p: int) -> None:
+        where = f"message {m}, part {p}"
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}: a content part must be a dict, got {type(part).__name__}")
+        kind = classify_part(part)
+        if kind in ("image", "video"):
+            self.counts[kind] += 1
+            source = _media_source(part, kind, where)
+            self.media.append(MediaPart(kind, source, part, m, p, self.counts[kind]))
+            if self.add_vision_id:
+                self.text(f"{'Picture' if kind == 'image' else 'Video'} {self.counts[kind]}: ")
+            self.text(_IMAGE if kind == "image" else _VIDEO)
+        elif kind == "text":
+            self.text(_check_text(part["text"], where))
+        else:
+            raise ValueError(f"{where}: unsupported content part (type {part.get('type')!r}); "
+                             f"expected text, image, image_url, video or video_url")
+
+    def rendered(self) -> RenderedChat:
+        return RenderedChat("".join(self.out), self.media, self.spans)
+
+
+def _has_content(content) -> bool:
+    return bool(content) if isinstance(content, (str, list, tuple)) else content is not None
+
+
+def _assistant_body(writer: _Writer, message: dict, m: int, tool_format: str, continued: bool) -> None:
+    """Content, then each of ``tool_calls`` in the format (all trained on); ``continued``: after qwen results."""
+    from ..agent.tools import FN_RESULT, call_arguments, format_call
+
+    content = message.get("content")
+    writer.content(content, m, train=True)
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, (list, tuple)):
+        raise ValueError(f"message {m}: tool_calls must be a list")
+    for c, call in enumerate(calls):
+        name, arguments = call_arguments(call, f"message {m}, tool call {c}")
+        separator = "\n" if (c or continued or _has_content(content)) else ""
+        writer.text(separator + format_call(name, arguments, tool_format), train=True)
+    if calls and tool_format == "qwen":
+        writer.text(f"\n{FN_RESULT}", train=True)  # the model's stop string before the results
+
+
+def _ends_open(conversation: list[dict], m: int, tool_format: str) -> bool:
+    """qwen: an assistant turn with calls stays open for the results that follow it."""
+    nxt = conversation[m + 1] if m + 1 < len(conversation) else None
+    return (tool_format == "qwen" and bool(conversation[m].get("tool_calls")) and isinstance(nxt, dict)
+            and nxt.get("role") == "tool")
+
+
+def _tool_result(writer: _Writer, message: dict, m: int, neighbours: tuple[str | None, str | None],
+                 tool_format: str, turn_open: bool) -> bool:
+    """One ``tool`` message (``neighbours``: the roles before and after it); returns whether the turn stays open."""
+    from ..agent.tools import FN_EXIT, FN_RESULT, RESPONSE_CLOSE, RESPONSE_OPEN
+
+    previous, nxt = neighbours
+    if tool_format == "hermes":  # consecutive results share one user turn
+        writer.text("<|im_start|>user\n" if previous != "tool" else "\n")
+        writer.text(f"{RESPONSE_OPEN}\n")
+        writer.content(message.get("content"), m)
+        writer.text(f"\n{RESPONSE_CLOSE}")
+        if nxt != "tool":
+            writer.text("<|im_end|>\n")
+        return False
+    if not turn_open:
+        raise ValueError(f"message {m}: in the qwen tool format a tool message must follow an assistant "
+                         f"message with tool_calls (or another tool message)")
+    writer.text(": " if previous != "tool" else f"\n{FN_RESULT}: ")
+    writer.content(message.get("content"), m)
+    if nxt != "tool":
+        writer.text(f"\n{FN_EXIT}")
+    return True
 
 
 def apply_chat_template(conversation: list[dict], add_generation_prompt: bool = True,
