@@ -1,7 +1,12 @@
-"""The server under load: 32 concurrent streaming clients against the same requests one after another.
+"""The server under load: 32 concurrent streaming clients against the same requests one after another;
+a long image prompt admitted while 8 streams run; a non-streaming client that disconnects.
 
     python benchmarks/serve.py                               # small random model on CPU, 32 x 64 tokens
     python benchmarks/serve.py --shape 2b --dtype bfloat16 --device cuda --max-tokens 128
+    python benchmarks/serve.py --scenario admission          # the longest token gap of 8 streams while a
+                                                             # 3,000-token image prompt is admitted
+    python benchmarks/serve.py --scenario disconnect         # tokens generated after a client went away
+    python benchmarks/serve.py --source OTHER_CHECKOUT ...   # serve another checkout's code (before/after)
 
 A random checkpoint (with a small byte-level BPE tokenizer trained on generated text) is written
 once to --dir; ``qwen2vl serve`` runs it in a subprocess with --max-batch = --clients. Both phases
@@ -74,7 +79,7 @@ def requests(n: int, max_tokens: int) -> list[dict]:
 
 async def one(client: httpx.AsyncClient, body: dict) -> dict:
     start = time.perf_counter()
-    first, text, tokens = None, [], 0
+    first, text, tokens, stamps = None, [], 0, []
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -85,10 +90,12 @@ async def one(client: httpx.AsyncClient, body: dict) -> dict:
                 tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk["choices"]:
                 if choice["delta"].get("content"):
-                    first = first or time.perf_counter()
+                    stamps.append(time.perf_counter())
+                    first = first or stamps[-1]
                     text.append(choice["delta"]["content"])
     end = time.perf_counter()
-    return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens, "text": "".join(text)}
+    return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens, "text": "".join(text),
+            "start": start, "stamps": stamps}
 
 
 async def phase(url: str, bodies: list[dict], concurrent: bool) -> tuple[float, list[dict]]:
@@ -129,6 +136,65 @@ def wait_healthy(url: str, server: subprocess.Popen) -> None:
     raise SystemExit("the server did not come up")
 
 
+def long_prompt(tokens: int) -> dict:
+    """A streaming request of about ``tokens`` prompt tokens: one generated picture and many words."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    words = " ".join(WORDS[k % len(WORDS)] for k in range(tokens))
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": words}]}],
+            "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
+
+
+async def admission(url: str, streams: int, max_tokens: int, prompt_tokens: int) -> dict:
+    """The longest gap between tokens of ``streams`` running streams while a long prompt is admitted."""
+    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+        await one(client, {**requests(1, 2)[0]})  # warm up
+        chunk = await one(client, {**long_prompt(480), "max_tokens": 1})  # ~one 512-token chunk, alone
+        running = [asyncio.create_task(one(client, b)) for b in requests(streams, max_tokens)]
+        await asyncio.sleep(1.0)
+        big = await one(client, long_prompt(prompt_tokens))
+        results = await asyncio.gather(*running)
+    window = (big["start"], big["start"] + big["ttft"])
+    gaps = []
+    for r in results:
+        stamps = r["stamps"]
+        gaps += [b - a for a, b in zip(stamps, stamps[1:]) if b >= window[0] and a <= window[1]]
+    if not gaps:
+        raise SystemExit("the streams ended before the long prompt was admitted: raise --max-tokens")
+    longest = max(gaps)
+    return {"streams": streams, "long_prompt_ttft_s": round(big["ttft"], 3),
+            "one_chunk_ttft_s": round(chunk["ttft"], 3), "longest_gap_s": round(longest, 3),
+            "gap_over_chunk": round(longest / chunk["ttft"], 2),
+            "stream_tokens_during_admission": sum(sum(window[0] <= t <= window[1] for t in r["stamps"])
+                                                  for r in results)}
+
+
+async def disconnect(url: str, max_tokens: int, after_s: float) -> dict:
+    """A non-streaming request whose client goes away after ``after_s``: tokens generated afterwards."""
+    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+        before = (await client.get("/health")).json()["generated_tokens"]
+        body = {**requests(1, max_tokens)[0], "stream": False}
+        try:
+            await asyncio.wait_for(client.post("/v1/chat/completions", json=body), after_s)
+        except asyncio.TimeoutError:
+            pass
+        gone = (await client.get("/health")).json()
+        await asyncio.sleep(2.0)
+        later = (await client.get("/health")).json()
+    return {"tokens_before_disconnect": gone["generated_tokens"] - before,
+            "tokens_after_disconnect": later["generated_tokens"] - gone["generated_tokens"],
+            "cancelled": later["cancelled"] - gone["cancelled"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="serve this checkpoint instead of building a random one")
@@ -139,6 +205,9 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, help="torch CPU threads of the server (OMP_NUM_THREADS)")
+    p.add_argument("--scenario", choices=("load", "admission", "disconnect"), default="load")
+    p.add_argument("--prompt-tokens", type=int, default=3000, help="admission: the long prompt's length")
+    p.add_argument("--source", help="run the server from this checkout of the project (before/after runs)")
     args = p.parse_args()
 
     model = Path(args.model) if args.model else Path(args.dir) / args.shape
@@ -149,14 +218,24 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    if args.source:
+        env["PYTHONPATH"] = str(Path(args.source).resolve())
     command = [sys.executable, "-m", "qwen2vl", "serve", "--model", str(model), "--port", str(port),
                "--max-batch", str(args.clients), "--max-queue", str(2 * args.clients), "--device", args.device]
     if args.dtype:
         command += ["--dtype", args.dtype]
-    server = subprocess.Popen(command, env=env)
+    server = subprocess.Popen(command, env=env, cwd=args.source)  # `-m` imports from the working directory first
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server)
+        if args.scenario != "load":
+            if args.scenario == "admission":
+                report = asyncio.run(admission(url, 8, args.max_tokens, args.prompt_tokens))
+            else:
+                report = asyncio.run(disconnect(url, args.max_tokens, 1.0))
+            print(json.dumps({"scenario": args.scenario, "source": args.source or "this checkout", **report},
+                             indent=2))
+            return
         bodies = requests(args.clients, args.max_tokens)
         sequential = asyncio.run(phase(url, bodies, concurrent=False))
         concurrent = asyncio.run(phase(url, bodies, concurrent=True))

@@ -25,8 +25,11 @@ class Parser(argparse.ArgumentParser):
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the embedded qwen2vl-nano)")
-    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: config.json's; float32 on CPU)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, config.json's on CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="prompt tokens prefilled per decode step, so long prompts never stall running "
+                             "streams (default 512)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +71,7 @@ def load_engine(args):
                             "pass --model DIR")
         path = EMBEDDED_MODEL
     try:
-        return Engine.from_pretrained(path, dtype=args.dtype, device=args.device)
+        return Engine.from_pretrained(path, dtype=args.dtype, device=args.device, prefill_chunk=args.prefill_chunk)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UserError(str(e)) from None
 

@@ -55,6 +55,8 @@ class Engine:
         self.special_ids = frozenset(self.tokenizer.special_ids) | self.control_ids if self.tokenizer else frozenset()
         self.static = model.device.type == "cuda" if static is None else static
         self.compile = compile
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1 token (got {prefill_chunk})")
         self.prefill_chunk = prefill_chunk
         if compile_vision:
             model.visual.compile_blocks(dynamic=True)

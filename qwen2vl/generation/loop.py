@@ -6,9 +6,10 @@
         for event in loop.step():                # one token column per step
             print(event.delta, end="")
 
-``step()`` does, in order: one prefill chunk of the oldest row still being prefilled (a long
-prompt is spread over several steps, so the other rows keep getting tokens), sampling of that
-row's first token when its prompt is complete, then one decode step over every decoding row,
+``step()`` does, in order: prefill of at most ``chunk_size`` prompt tokens, oldest rows first
+(several short prompts, or one chunk of a long one: a long prompt is spread over several steps,
+so the other rows keep getting tokens), sampling of the first token of each prompt completed,
+then one decode step over every decoding row,
 and it returns a :class:`TokenEvent` per row that got a token. A row whose sequence is done is
 freed in the same step (its slots are reused by the next admission). Engine.generate/stream,
 ChatSession and the server's scheduler all drive this loop; none has a loop of its own.
@@ -129,26 +130,38 @@ class DecodeLoop:
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         if self.prefilling:
-            events += self._prefill_chunk(self.prefilling[0])
+            events += self._prefill()
         decoding = [i for i, r in enumerate(self.rows) if r is not None and r.decoding]
         if decoding:
             events += self._decode(decoding)
         return events
 
     # ------------------------------------------------------------------ internals
-    def _prefill_chunk(self, row: int) -> list[TokenEvent]:
-        state = self.rows[row]
-        start, end = state.filled, min(state.filled + self.chunk_size, len(state.prompt))
-        p = state.prompt
-        logits = self.step_model.prefill(row, p.embeds[start:end], p.positions[:, start:end], start)
-        state.filled = end
-        self.counters["prefill_chunks"] += 1
-        if end < len(p):
+    def _prefill(self) -> list[TokenEvent]:
+        """Prefill up to ``chunk_size`` prompt tokens, oldest rows first (several short prompts, or one
+        chunk of a long one); sample the first token of every prompt completed."""
+        budget, done, logits = self.chunk_size, [], []
+        while self.prefilling and budget > 0:
+            row = self.prefilling[0]
+            state = self.rows[row]
+            p = state.prompt
+            start = state.filled
+            end = min(start + budget, len(p))
+            last = self.step_model.prefill(row, p.embeds[start:end], p.positions[:, start:end], start)
+            state.filled, budget = end, budget - (end - start)
+            self.counters["prefill_chunks"] += 1
+            if end < len(p):
+                break
+            self.prefilling.popleft()
+            done.append(row)
+            logits.append(last)
+        if not done:
             return []
-        self.prefilling.popleft()
-        tokens, entries = self.sampler.sample(logits.view(1, -1), [row], [0])
-        self.step_model.start_row(row, tokens, slot=len(p), position=len(p) + p.delta)
-        return self._accept([row], tokens, entries)
+        tokens, entries = self.sampler.sample(torch.stack(logits), done, [0] * len(done))
+        for row, token in zip(done, tokens):
+            p = self.rows[row].prompt
+            self.step_model.start_row(row, token, slot=len(p), position=len(p) + p.delta)
+        return self._accept(done, tokens, entries)
 
     def _decode(self, rows: list[int]) -> list[TokenEvent]:
         width = rows[-1] + 1
