@@ -10,6 +10,8 @@ so it costs about one copy of the weights.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 from pathlib import Path
@@ -164,8 +166,9 @@ def _parse_size(size: int | str) -> int:
 def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.torch_dtype = dtype_name(model.dtype)
-    model.config.save(directory)
+    config = copy.deepcopy(model.config)  # the file records the weights' dtype; the live model's config stays
+    config.torch_dtype = dtype_name(model.dtype)
+    config.save(directory)
     state = {name: t.to("cpu").contiguous() for name, t in released_state(model)}
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -177,3 +177,12 @@ def test_dtype_and_device_arguments(saved):
     model = Qwen2VL.from_pretrained(saved, dtype="bfloat16", device="cpu")
     assert model.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_saving_leaves_the_live_config_alone(saved, tmp_path_factory):
+    model = Qwen2VL.from_pretrained(saved, dtype="float32")
+    before = model.config.to_dict()
+    out = tmp_path_factory.mktemp("bf16")
+    model.to(torch.bfloat16).save_pretrained(out)
+    assert model.config.to_dict() == before  # the file says bfloat16; the object was not written into
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
