@@ -33,16 +33,22 @@ def png() -> bytes:
 
 class Recorder:
     """A loopback HTTP server that records every request path; ``/img.png`` is an image, ``/to?u=URL``
-    redirects to URL, ``/drip`` sends a byte every 0.2 s (30 bytes at most), anything else is 404."""
+    redirects to URL, ``/drip`` sends a byte every 0.2 s (30 bytes at most), ``/hold`` answers the
+    image once ``release`` is set (60 s at most), anything else is 404."""
 
     def __init__(self):
         self.paths: list[str] = []
         self.dripped = 0
+        self.release, self.held = threading.Event(), threading.Event()
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 recorder.paths.append(self.path)
+                if self.path == "/hold":
+                    recorder.held.set()
+                    recorder.release.wait(60)
+                    self.path = "/img.png"
                 if self.path == "/img.png":
                     body = png()
                     self.send_response(200)
@@ -161,6 +167,64 @@ def test_private_addresses_when_allowed_and_redirects_rechecked(engine, recorder
         still_answers(server)
 
 
+def test_failed_downloads_read_the_same_whatever_answered(engine, recorder):
+    """A closed port, a port that accepts and never answers, an SSH-like banner and a 404: one text."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    banner = socket.socket()
+    banner.bind(("127.0.0.1", 0))
+    banner.listen(8)
+
+    def ssh():
+        for _ in range(4):
+            try:
+                conn, _ = banner.accept()
+            except OSError:
+                return
+            conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+            conn.close()
+
+    threading.Thread(target=ssh, daemon=True).start()
+    urls = [f"http://127.0.0.1:{closed_port}/a.png", f"http://127.0.0.1:{silent.getsockname()[1]}/a.png",
+            f"http://127.0.0.1:{banner.getsockname()[1]}/a.png", f"{recorder.url}/missing.png"]
+    try:
+        with serve(engine, allow_remote_media=True, allow_private_media_addresses=True,
+                   remote_timeout_s=1.0) as server:
+            answers = [post(server, image_body(url)) for url in urls]
+            assert {(r.status_code, r.json()["error"]["message"]) for r in answers} == \
+                {(400, f"image 1 (message 0, part 0): {UNREACHABLE}")}
+            r = post(server, image_body("http://127.0.0.1:99999/a.png"))
+            assert r.status_code == 400 and "invalid port" in r.json()["error"]["message"]
+            still_answers(server)
+    finally:
+        silent.close()
+        banner.close()
+
+
+def test_a_slow_download_does_not_hold_up_text_requests(engine, recorder):
+    """The download waits (held by the recorder) on the media pool; a text request is answered meanwhile."""
+    recorder.release.clear()
+    recorder.held.clear()
+    with serve(engine, allow_remote_media=True, allow_private_media_addresses=True, remote_timeout_s=60,
+               prepare_workers=1) as server:
+        answer = {}
+        thread = threading.Thread(target=lambda: answer.update(r=post(server, image_body(f"{recorder.url}/hold"))))
+        thread.start()
+        try:
+            assert recorder.held.wait(60)
+            still_answers(server)
+            assert not answer  # the download is still held
+        finally:
+            recorder.release.set()
+            thread.join(60)
+        assert answer["r"].status_code == 200, answer["r"].text
+
+
 def test_redirect_and_dns_checked_on_the_address_connected_to(engine, recorder, monkeypatch):
     """``media.example`` is allowed by name, but resolves to loopback: refused. A public name that
     redirects to loopback is refused at the redirect. Nothing reaches the recorder."""
@@ -271,10 +335,16 @@ def test_csrf_json_only_and_origins(engine):
         # the built-in page is same-origin
         r = httpx.post(url, content=raw, timeout=60, headers={"Origin": server.url, "Content-Type": "application/json"})
         assert r.status_code == 200, r.text
-    with serve(engine, allowed_origins=("http://app.example:3000",)) as server:
+    with serve(engine, allowed_origins=("http://app.example:3000",), api_key="k") as server:
+        origin = {"Origin": "http://app.example:3000"}
+        preflight = httpx.options(f"{server.url}/v1/chat/completions", timeout=60, headers={
+            **origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://app.example:3000"
         r = httpx.post(f"{server.url}/v1/chat/completions", json=OK, timeout=60,
-                       headers={"Origin": "http://app.example:3000"})
-        assert r.status_code == 200
+                       headers={**origin, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example:3000"
 
 
 def test_api_key(engine):
@@ -312,6 +382,14 @@ def test_health_answers_while_a_20mb_request_is_refused(engine, monkeypatch):
         r = answer["r"]
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert "characters of text" in r.json()["error"]["message"]
+        still_answers(server)
+
+
+def test_300k_one_character_messages_are_refused_by_count(engine):
+    with serve(engine) as server:
+        r = post(server, {"messages": [{"role": "user", "content": "a"}] * 300_000, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert "over the limit of 8192" in r.json()["error"]["message"]
         still_answers(server)
 
 

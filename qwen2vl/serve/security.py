@@ -30,7 +30,7 @@ def check_request(method: str, path: str, headers, api_key: str | None, allowed_
     if origin is not None and not origin_allowed(origin, headers.get("host", ""), allowed_origins):
         raise APIError(403, f"cross-origin requests from {origin[:100]!r} are not allowed (start the server with "
                             f"--allowed-origins to allow them)", "origin_not_allowed")
-    if api_key is not None and path.startswith(PROTECTED):
+    if api_key is not None and path.startswith(PROTECTED) and method != "OPTIONS":  # CORS preflights carry no key
         given = headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
