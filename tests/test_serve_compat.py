@@ -80,6 +80,12 @@ def test_n_choices_and_logprobs(client):
     finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
     assert sorted(finishes) == [0, 1]
     assert [c.usage is not None for c in chunks].count(True) == 1 and chunks[-1].usage.completion_tokens == 8
+    # streamed logprobs: one entry per generated token, on the chunks that carry its text
+    chunks = list(client.chat.completions.create(model=MODEL, messages=chat("Hi"), max_tokens=5, stream=True,
+                                                 logprobs=True, top_logprobs=1,
+                                                 stream_options={"include_usage": True}))
+    entries = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert len(entries) == chunks[-1].usage.completion_tokens and all(len(t.top_logprobs) == 1 for t in entries)
 
 
 def test_min_tokens_stop_token_ids_and_ignore_eos(engine, client):

@@ -205,6 +205,9 @@ def _checked_url(current: str, url: str, access: MediaAccess):
                          "unreachable" if current != url else "invalid")
     host = parts.hostname.rstrip(".").lower()
     if access.allowed_domains is not None and host not in access.allowed_domains:
+        if current != url:  # where a redirect leads is the remote's answer: say no more than for any failure
+            raise MediaError(f"cannot download {describe(url)}: it redirects to {host!r}, not an allowed media "
+                             f"domain", "unreachable")
         raise MediaError(f"{describe(url)}: the host {host!r} is not in the allowed media domains", "not_allowed")
     try:
         parts.port  # noqa: B018 (raises ValueError for a port out of range)

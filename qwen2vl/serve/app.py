@@ -243,7 +243,8 @@ def create_app(engine, settings: ServeSettings | None = None, scheduler: Schedul
             prepare, engine, chat, scheduler.max_len, settings.default_max_tokens, access(), constraints)
         try:
             batch, params = await asyncio.wait_for(asyncio.wrap_future(prepared), settings.prepare_timeout_s + 1)
-            jobs_params = [params] + [choice_params(params, chat, i, constraints) for i in range(1, chat.n)]
+            jobs_params = [params] + (await on_pool(lambda: [choice_params(params, chat, i, constraints)
+                                                             for i in range(1, chat.n)]) if chat.n > 1 else [])
         except asyncio.TimeoutError:
             prepared.add_done_callback(lambda _f: [scheduler.release() for _ in range(chat.n)])
             raise APIError(408, f"preparing the request took longer than {settings.prepare_timeout_s:g} s",

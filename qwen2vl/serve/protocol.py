@@ -130,7 +130,7 @@ def _common(r, max_tokens: int | None) -> ChatRequest:
                           n=r.n, ignored=unknown_fields(r))
     request.schema = _schema(r.response_format)
     if request.ignored:
-        log.info("ignoring unknown request fields: %s", ", ".join(request.ignored[:20]))
+        log.warning("ignoring unknown request fields: %s", ", ".join(request.ignored[:20]))
     return request
 
 
