@@ -269,3 +269,36 @@ def test_image_sizes_span_the_policy(policy):
     assert min(sides) < 1.6 * limits.min_side and max(sides) > 0.8 * limits.max_side
     ratios = [w / h for w, h in sizes]
     assert min(ratios) < 0.6 and max(ratios) > 1.8
+
+
+# ------------------------------------------------------------------------------------------ gui screens
+
+def test_gui_screens_answers_click_inside_the_drawn_target():
+    from qwen2vl.data.metrics import predicted_actions
+    from qwen2vl.data.synthetic import gui
+
+    batch = samples("gui", n=120, seed=5)
+    assert generate_sample(3, 5, "train", ["gui"]).answer == batch[3].answer  # deterministic
+    kinds = {(s.meta["kind"], s.meta["element"]) for s in batch}
+    assert {"button", "link", "tab", "field", "checkbox", "menu", "dialog"} <= {e for _, e in kinds}
+    assert ("multi", "field") in kinds
+    assert {s.meta["size_class"] for s in batch} == {"small", "medium", "large"}
+    ratios = [s.image.size[0] / s.image.size[1] for s in batch]
+    assert min(ratios) < 0.65 and max(ratios) > 1.3  # phones and desktops
+    assert {s.meta["theme"] for s in batch} == set(gui.THEMES)
+    for s in batch:
+        labels = [e["label"] for e in s.meta["elements"]]
+        assert len(labels) == len(set(labels)), labels  # one element per label: the instruction is unambiguous
+        assert s.meta["label"] in s.question
+        actions = predicted_actions(s.answer)
+        assert len(actions) == len(s.meta["steps"]) == (3 if s.meta["kind"] == "multi" else 1)
+        pixels = np.asarray(s.image)
+        for action, step in zip(actions, s.meta["steps"]):
+            if step["action"] == "type":
+                assert action.kind == "type" and action.text in s.question
+                continue
+            x1, y1, x2, y2 = step["box_px"]
+            x, y = action.pixels(s.image.size)
+            assert x1 <= x < x2 and y1 <= y < y2
+            region = pixels[y1:y2, x1:x2].reshape(-1, 3)
+            assert len(np.unique(region, axis=0)) > 1  # something is drawn in the target box

@@ -13,6 +13,11 @@ Per task (``score`` dispatches on the sample's ``task``):
   exact for a true value of 0); highest/lowest-category questions need an exact match.
 * video: exact match, or else the prediction names exactly one of the question's choices (say
   "It moves to the left.") and that choice is the answer.
+* gui (ScreenSpot-style): the reply's ``computer_use`` calls (or, failing that, a grounding box, as
+  a click on its centre) become actions; a click counts when its point, converted to pixels at the
+  bin centre, falls inside the target's pixel box. A reply that gives no action is a miss
+  (``format_error``). Multi-step samples need every step right (click in the field, the exact
+  text typed, click in the button). Summaries break click accuracy down by element type and size.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from ..agent.actions import ActionError, action_from_call, action_from_text
 from ..agent.grounding import iou, parse_regions
+from ..agent.tools import parse_tool_output
 
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
 _NUMBER_WORDS = {w: i for i, w in enumerate(
@@ -123,10 +130,49 @@ def _answer(sample: dict) -> str:
 
 
 def group_of(sample: dict) -> str:
-    """Summary group: the task, with small-text reading apart from normal reading."""
+    """Summary group: the task, with small-text reading apart from normal reading, gui by kind."""
     if sample["task"] == "reading":
         return "reading (small text)" if sample["meta"].get("small_text") else "reading (normal text)"
+    if sample["task"] == "gui":
+        return "gui (multi-step)" if sample["meta"].get("kind") == "multi" else "gui (click)"
     return sample["task"]
+
+
+def predicted_actions(prediction: str) -> list:
+    """The actions of a reply: its computer_use calls, else a click on its first grounding box; [] if none."""
+    calls = [c for c in parse_tool_output(prediction).calls if c["name"] == "computer_use"]
+    actions = []
+    for call in calls:
+        try:
+            actions.append(action_from_call(call["arguments"]))
+        except ActionError:
+            actions.append(None)  # a bad call still takes its step
+    if not calls:
+        try:
+            actions = [action_from_text(prediction)]
+        except ActionError:
+            return []
+    return actions
+
+
+def _step_right(action, step: dict, size) -> bool:
+    if action is None:
+        return False
+    if step["action"] == "type":
+        return action.kind == "type" and action.text == step["text"]
+    if action.kind not in ("click", "double_click", "long_press"):
+        return False
+    x, y = action.pixels(size)
+    x1, y1, x2, y2 = step["box_px"]
+    return x1 <= x < x2 and y1 <= y < y2
+
+
+def gui_score(prediction: str, meta: dict) -> dict:
+    """ScreenSpot-style: every step's point inside its target box (pixels) / its text typed exactly."""
+    actions, steps = predicted_actions(prediction), meta["steps"]
+    right = [i < len(actions) and _step_right(actions[i], step, meta["size"]) for i, step in enumerate(steps)]
+    return {"correct": all(right), "format_error": not actions, "step_accuracy": sum(right) / len(steps),
+            "element": meta["element"], "size_class": meta["size_class"]}
 
 
 def score(sample: dict, prediction: str) -> dict:
@@ -146,6 +192,8 @@ def score(sample: dict, prediction: str) -> dict:
         out.update(correct=relaxed_match(prediction, answer) if numeric else exact_match(prediction, answer))
     elif task == "video":
         out.update(correct=choice_match(prediction, answer, meta.get("choices", [answer])))
+    elif task == "gui":
+        out.update(gui_score(prediction, meta))
     else:
         out.update(correct=exact_match(prediction, answer))
     out["correct"] = bool(out["correct"])
@@ -159,6 +207,8 @@ METRICS = {
     "grounding": ("Acc@0.5", "iou"),
     "chart": ("relaxed accuracy (5 %)", None),
     "video": ("accuracy", None),
+    "gui (click)": ("click accuracy", "format_error"),
+    "gui (multi-step)": ("task success", "step_accuracy"),
 }
 
 
@@ -181,9 +231,24 @@ def summarise(records: Iterable[dict]) -> list[dict]:
         if extra:
             row["mean_iou" if extra == "iou" else extra] = _mean(r[extra] for r in rs)
         rows.append(row)
+    rows += _gui_breakdown(by_group.get("gui (click)", []))
     if records:
         rows.append({"group": "all", "n": len(records), "metric": "accuracy",
                      "score": _mean(r["correct"] for r in records)})
+    return rows
+
+
+def _gui_breakdown(records: list[dict]) -> list[dict]:
+    """Click accuracy of single-click gui samples by element type, then by target size."""
+    rows = []
+    for key, order in (("element", None), ("size_class", ["small", "medium", "large"])):
+        groups: dict[str, list[dict]] = {}
+        for r in records:
+            groups.setdefault(r[key], []).append(r)
+        for name in order or sorted(groups):
+            if name in groups:
+                rows.append({"group": f"gui click / {name}", "n": len(groups[name]), "metric": "click accuracy",
+                             "score": _mean(r["correct"] for r in groups[name])})
     return rows
 
 
@@ -196,6 +261,7 @@ def format_table(rows: list[dict]) -> str:
     """A plain-text table of ``summarise`` rows, scores in percent."""
     lines = [f"{'group':<24} {'n':>5}  {'metric':<24} {'score':>7}  extra", "-" * 74]
     for row in rows:
-        extra = "  ".join(f"{k}={100 * row[k]:.1f}" for k in ("anls", "mean_iou") if k in row)
+        extra = "  ".join(f"{k}={100 * row[k]:.1f}" for k in ("anls", "mean_iou", "format_error", "step_accuracy")
+                          if k in row)
         lines.append(f"{row['group']:<24} {row['n']:>5}  {row['metric']:<24} {100 * row['score']:>6.1f}%  {extra}")
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 Task families: ``reading`` (documents, receipts, signs; some with text too small for 224x224),
 ``counting`` and ``grounding`` (scenes of coloured shapes), ``chart`` (bar charts) and ``video``
-(short clips of moving or appearing shapes). :func:`write_dataset` writes ``data.jsonl`` + media.
+(short clips of moving or appearing shapes) and ``gui``
+(screens of buttons, links, tabs, fields, checkboxes, menus and dialogs; answers are computer_use calls;
+not in DEFAULT_MIX). :func:`write_dataset` writes ``data.jsonl`` + media.
 """
 
 from .common import SIZE_POLICIES, SPLITS, Sample, SizePolicy, sample_rng

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import charts, reading, shapes, video
+from . import charts, gui, reading, shapes, video
 from .common import Sample, SizePolicy, sample_rng, size_policy
 
 TASKS = {
@@ -35,6 +35,7 @@ TASKS = {
     "grounding": shapes.grounding,
     "chart": charts.generate,
     "video": video.generate,
+    "gui": gui.generate,
 }
 DEFAULT_MIX = {"reading": 0.3, "counting": 0.2, "grounding": 0.2, "chart": 0.15, "video": 0.15}
 
