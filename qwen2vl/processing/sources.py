@@ -109,7 +109,7 @@ def describe(source: Any, limit: int = 80) -> str:
     "'data:image/png;base64,AAAAAAAAAAAA...' (522 chars)"
     """
     if isinstance(source, str):
-        if source.startswith("data:"):
+        if url_scheme(source) == "data":
             head = source[: source.find(",") + 13] if "," in source else source[:34]
             return f"{head + '...'!r} ({len(source)} chars)"
         return repr(source if len(source) <= limit else source[: limit - 3] + "...")
