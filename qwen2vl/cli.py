@@ -16,6 +16,7 @@ VERBS = {
     "batch": ("qwen2vl.serve.batch", "offline batch inference over a JSONL of requests"),
     "train": ("qwen2vl.train.cli", "train or fine-tune (three stages, packing, LoRA, FSDP2)"),
     "eval": ("qwen2vl.data.evaluate", "evaluate a model on the held-out synthetic set"),
+    "agent": ("qwen2vl.agent.cli", "visual agent in headless Chromium: --url PAGE --task TEXT, or --miniwob TASK"),
 }
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _extra(verb: str) -> str:
-    return {"serve": "serve", "batch": "serve", "train": "train"}.get(verb, "video")
+    return {"serve": "serve", "batch": "serve", "train": "train", "agent": "agent"}.get(verb, "video")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import json
 from ..serve.constraints import JSONSchemaConstraint, grammar_tokenizer
 from .tools import CALL_CLOSE, CALL_OPEN
 
-# the arguments each action needs (the grammar requires them when only one action is allowed)
+# the arguments each action needs (the grammar requires exactly these)
 NEEDS = {"click": ["coordinate"], "double_click": ["coordinate"], "long_press": ["coordinate"],
          "scroll": ["coordinate", "direction"], "drag": ["coordinate", "coordinate2"], "type": ["text"],
          "answer": ["text"], "key": ["key"], "wait": ["time"], "terminate": ["status"]}
@@ -24,23 +24,27 @@ MAX_STRING = 200  # characters of a constrained string argument
 def tool_call_grammar(tool: dict, actions: list[str] | None = None) -> str:
     """A Lark grammar (llguidance dialect) for ``<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>``.
 
-    ARGS follow the tool's schema without extra keys or free whitespace; ``actions`` narrows the
-    ``action`` enum and keeps only the arguments those actions use (all required for a single one).
+    ARGS are one of the ``computer_use`` actions (``actions``, default all) with exactly the
+    arguments that action needs (:data:`NEEDS`, typed as in the tool's schema), no free whitespace.
     """
     function = tool.get("function", tool)
-    schema = json.loads(json.dumps(function.get("parameters", {"type": "object"})))
-    schema["additionalProperties"] = False
-    for prop in schema.get("properties", {}).values():
-        if prop.get("type") == "string" and "enum" not in prop:
-            prop["maxLength"] = MAX_STRING
-    if actions is not None:
-        unknown = [a for a in actions if a not in NEEDS]
-        if unknown or not actions:
-            raise ValueError(f"unknown or no actions {unknown}; expected some of {sorted(NEEDS)}")
-        keep = {"action", *(k for a in actions for k in NEEDS[a])}
-        schema["properties"] = {k: v for k, v in schema["properties"].items() if k in keep}
-        schema["properties"]["action"] = {"type": "string", "enum": list(actions)}
-        schema["required"] = ["action", *NEEDS[actions[0]]] if len(actions) == 1 else ["action"]
+    properties = function.get("parameters", {}).get("properties", {})
+    actions = list(properties.get("action", {}).get("enum", NEEDS)) if actions is None else list(actions)
+    unknown = [a for a in actions if a not in NEEDS]
+    if unknown or not actions:
+        raise ValueError(f"unknown or no actions {unknown}; expected some of {sorted(NEEDS)}")
+    variants = []
+    for action in actions:  # one object per action: exactly the arguments it needs, all required
+        props = {"action": {"const": action}}
+        for key in NEEDS[action]:
+            prop = dict(properties[key])
+            prop.pop("description", None)
+            if prop.get("type") == "string" and "enum" not in prop:
+                prop["maxLength"] = MAX_STRING
+            props[key] = prop
+        variants.append({"type": "object", "properties": props, "required": list(props),
+                         "additionalProperties": False})
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     # separators as json.dumps writes them (the training answers' form)
     schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
     head = f'{CALL_OPEN}\n{{"name": {json.dumps(function["name"])}, "arguments": '
