@@ -162,6 +162,8 @@ def test_metrics_tokenize_detokenize_version_models_and_retry_after(engine, serv
     assert text == "hello world"
     chat_ids = httpx.post(f"{server.url}/tokenize", json={"messages": chat("hi")}).json()["tokens"]
     assert engine.processor.tokenizer.decode(chat_ids).endswith("<|im_start|>assistant\n")
+    long = httpx.post(f"{server.url}/tokenize", json={"prompt": "hello " * 3_495_253})  # refused before tokenizing
+    assert long.status_code == 400 and "characters of text" in long.json()["error"]["message"]
     bad = httpx.post(f"{server.url}/detokenize", json={"tokens": [10 ** 9]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens[0]"
     assert httpx.get(f"{server.url}/version").json()["version"]

@@ -184,6 +184,7 @@ CASES = [
     ("unknown response_format", with_(response_format={"type": "yaml"}), 400, "invalid_value",
      "response_format.type"),
     ("too many stop strings", with_(stop=["a"] * 17), 400, "invalid_value", "over the limit of 16"),
+    ("a stop string too long", with_(stop="x" * 5000), 400, "invalid_value", "longer than 4096 characters"),
     ("stop_token_ids negative", with_(stop_token_ids=[-1]), 400, "invalid_value", "stop_token_ids[0]"),
     ("min_tokens negative", with_(min_tokens=-1), 400, "invalid_value", "min_tokens must be >= 0"),
     ("body too large", {"messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]}, 413, "request_too_large",

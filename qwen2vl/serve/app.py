@@ -42,8 +42,10 @@ from .constraints import json_constraint_factory
 from .errors import APIError, error_body
 from .metrics import Metrics
 from .protocol import (
+    ChatRequest,
     MediaPolicy,
     chat_logprobs,
+    check_characters,
     choice_params,
     chunk,
     completion,
@@ -204,6 +206,7 @@ def create_app(engine, settings: ServeSettings | None = None, scheduler: Schedul
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", "invalid_value", "prompt")
         if body.prompt is not None:
+            check_characters(tokenizer, ChatRequest(None, characters=len(body.prompt)), scheduler.max_len)
             ids = await on_pool(tokenizer.encode, body.prompt, body.add_special_tokens)
         else:
             raw = {"messages": [m.model_dump(exclude_none=True) for m in body.messages],

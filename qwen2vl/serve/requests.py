@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from .errors import APIError
 
 MAX_STOP = 16
+MAX_STOP_CHARS = 4096  # characters per stop string (each is matched against the text at every token)
 MAX_MESSAGES = 8192
 MAX_PARTS = 1024
 MAX_STOP_TOKEN_IDS = 64
@@ -163,8 +164,9 @@ class _Sampling(_Model):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     seed: Annotated[int, Field(ge=-INT64 - 1, le=INT64)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: either(str=Annotated[str, Field(min_length=1)],
-                 list=Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]) | None = None
+    stop: either(str=Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)],
+                 list=Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                                Field(max_length=MAX_STOP)]) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
