@@ -73,13 +73,13 @@ def requests(n: int, max_tokens: int) -> list[dict]:
     for i in range(n):
         words = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(8 + (i * 5) % 40))
         out.append({"messages": [{"role": "user", "content": f"Request {i}: {words}"}], "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True, "stream": True})
+                    "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
     return out
 
 
 async def one(client: httpx.AsyncClient, body: dict) -> dict:
     start = time.perf_counter()
-    first, text, tokens, stamps = None, [], 0, []
+    first, text, tokens, prompt_tokens, stamps = None, [], 0, 0, []
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -87,7 +87,7 @@ async def one(client: httpx.AsyncClient, body: dict) -> dict:
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+                tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
             for choice in chunk["choices"]:
                 if choice["delta"].get("content"):
                     stamps.append(time.perf_counter())
@@ -95,7 +95,7 @@ async def one(client: httpx.AsyncClient, body: dict) -> dict:
                     text.append(choice["delta"]["content"])
     end = time.perf_counter()
     return {"latency": end - start, "ttft": (first or end) - start, "tokens": tokens, "text": "".join(text),
-            "start": start, "stamps": stamps}
+            "start": start, "stamps": stamps, "prompt_tokens": prompt_tokens}
 
 
 async def phase(url: str, bodies: list[dict], concurrent: bool) -> tuple[float, list[dict]]:
@@ -136,8 +136,8 @@ def wait_healthy(url: str, server: subprocess.Popen) -> None:
     raise SystemExit("the server did not come up")
 
 
-def long_prompt(tokens: int) -> dict:
-    """A streaming request of about ``tokens`` prompt tokens: one generated picture and many words."""
+def long_prompt(words: int) -> dict:
+    """A streaming request of one generated picture and ``words`` words."""
     import base64
     import io
 
@@ -148,20 +148,21 @@ def long_prompt(tokens: int) -> dict:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    words = " ".join(WORDS[k % len(WORDS)] for k in range(tokens))
+    text = " ".join(WORDS[k % len(WORDS)] for k in range(words))
     return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": words}]}],
-            "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
+                                                      {"type": "text", "text": text}]}],
+            "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
 
 
-async def admission(url: str, streams: int, max_tokens: int, prompt_tokens: int) -> dict:
+async def admission(url: str, streams: int, max_tokens: int, prompt_words: int) -> dict:
     """The longest gap between tokens of ``streams`` running streams while a long prompt is admitted."""
     async with httpx.AsyncClient(base_url=url, timeout=None) as client:
         await one(client, {**requests(1, 2)[0]})  # warm up
-        chunk = await one(client, {**long_prompt(480), "max_tokens": 1})  # ~one 512-token chunk, alone
+        chunk = await one(client, {**long_prompt(210), "max_tokens": 1})  # ~512 tokens (one chunk), alone
         running = [asyncio.create_task(one(client, b)) for b in requests(streams, max_tokens)]
         await asyncio.sleep(1.0)
-        big = await one(client, long_prompt(prompt_tokens))
+        big = await one(client, long_prompt(prompt_words))
         results = await asyncio.gather(*running)
     window = (big["start"], big["start"] + big["ttft"])
     gaps = []
@@ -171,8 +172,9 @@ async def admission(url: str, streams: int, max_tokens: int, prompt_tokens: int)
     if not gaps:
         raise SystemExit("the streams ended before the long prompt was admitted: raise --max-tokens")
     longest = max(gaps)
-    return {"streams": streams, "long_prompt_ttft_s": round(big["ttft"], 3),
-            "one_chunk_ttft_s": round(chunk["ttft"], 3), "longest_gap_s": round(longest, 3),
+    return {"streams": streams, "long_prompt_tokens": big["prompt_tokens"],
+            "long_prompt_ttft_s": round(big["ttft"], 3),
+            "one_chunk_tokens": chunk["prompt_tokens"], "one_chunk_ttft_s": round(chunk["ttft"], 3), "longest_gap_s": round(longest, 3),
             "gap_over_chunk": round(longest / chunk["ttft"], 2),
             "stream_tokens_during_admission": sum(sum(window[0] <= t <= window[1] for t in r["stamps"])
                                                   for r in results)}
@@ -206,7 +208,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, help="torch CPU threads of the server (OMP_NUM_THREADS)")
     p.add_argument("--scenario", choices=("load", "admission", "disconnect"), default="load")
-    p.add_argument("--prompt-tokens", type=int, default=3000, help="admission: the long prompt's length")
+    p.add_argument("--prompt-words", type=int, default=2300,
+                   help="admission: words of the long prompt (with its image, ~3,000 tokens)")
     p.add_argument("--source", help="run the server from this checkout of the project (before/after runs)")
     args = p.parse_args()
 
@@ -230,7 +233,7 @@ def main() -> None:
         wait_healthy(url, server)
         if args.scenario != "load":
             if args.scenario == "admission":
-                report = asyncio.run(admission(url, 8, args.max_tokens, args.prompt_tokens))
+                report = asyncio.run(admission(url, 8, args.max_tokens, args.prompt_words))
             else:
                 report = asyncio.run(disconnect(url, args.max_tokens, 1.0))
             print(json.dumps({"scenario": args.scenario, "source": args.source or "this checkout", **report},
