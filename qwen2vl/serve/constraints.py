@@ -7,10 +7,10 @@ JSON value valid under the schema (the end-of-turn token only once the value is 
 JSON is written compactly (no free whitespace), so a schema whose strings, numbers and arrays are
 bounded has a bounded answer; an unbounded one ends at ``max_tokens``.
 
-Why llguidance (measured on this CPU, the 2,000-token nano vocabulary; see docs/serving.md):
-one abi3 wheel with no dependencies (installs in under a second), a schema compiles in well under
-a millisecond, and a mask takes microseconds per token. xgrammar needs transformers, triton and
-tvm-ffi beside it; outlines-core builds a whole index per schema up front.
+Why llguidance (measured on this CPU, the 1,909-token nano vocabulary; docs/serving.md has the
+table): one wheel with no dependencies, 59 ms to import, a schema compiles in 0.5 ms and a mask
+takes about 9 us per token. xgrammar is as fast but declares torch, transformers and triton as
+dependencies and takes 2.3 s to import; outlines-core's masks were 25 times slower.
 """
 
 from __future__ import annotations
