@@ -84,7 +84,9 @@ def _summary(names: list[str], limit: int = 8) -> str:
     return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_pretrained(cls, path, dtype=None, device=None, progress=None):
+def load_pretrained(cls, path, dtype=None, device=None, progress=None, shard=None):
+    """``shard`` (for tensor parallelism) has ``shape(name, full_shape)`` -> the shape this process
+    holds and ``read(name, lazy_slice)`` -> that part, read from ``safe_open(...).get_slice``."""
     directory = resolve_checkpoint(path)
     config = Qwen2VLConfig.from_pretrained(directory)
     files = weight_files(directory)
@@ -98,10 +100,13 @@ def load_pretrained(cls, path, dtype=None, device=None, progress=None):
         for file in files:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    yield key, (lambda f=f, key=key: f.get_tensor(key)), file.name
+                    if shard is None:
+                        yield key, (lambda f=f, key=key: f.get_tensor(key)), file.name
+                    else:
+                        yield key, (lambda f=f, key=key: shard.read(normalize_key(key), f.get_slice(key))), file.name
 
     try:
-        return build_from_tensors(cls, config, tensors(), dtype, device, f"checkpoint {directory}", bar)
+        return build_from_tensors(cls, config, tensors(), dtype, device, f"checkpoint {directory}", bar, shard)
     finally:
         if bar is not None:
             bar.close()
@@ -113,7 +118,7 @@ def load_state_dict(cls, config: Qwen2VLConfig, state: dict[str, torch.Tensor], 
     return build_from_tensors(cls, config, items, dtype, device, "state dict")
 
 
-def build_from_tensors(cls, config: Qwen2VLConfig, items, dtype, device, what: str, bar=None):
+def build_from_tensors(cls, config: Qwen2VLConfig, items, dtype, device, what: str, bar=None, shard=None):
     """Build ``cls(config)`` on the meta device and fill it from ``(key, get_tensor, source)`` items.
 
     Tensors are read one at a time, so memory stays at about one copy of the weights.
@@ -131,8 +136,9 @@ def build_from_tensors(cls, config: Qwen2VLConfig, items, dtype, device, what: s
                 unexpected.append(f"{key} ({source})")
             continue
         tensor = get()
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(expected[name].shape)} ({source})")
+        want = tuple(expected[name].shape) if shard is None else shard.shape(name, tuple(expected[name].shape))
+        if tuple(tensor.shape) != want:
+            mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {want} ({source})")
             continue
         target = dtype if tensor.is_floating_point() else tensor.dtype
         _set_parameter(model, name, tensor.to(device=device, dtype=target))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,6 +99,10 @@ class MLP(nn.Module):
 
 def _fused_linear(parts: tuple[nn.Linear, ...], bias: bool) -> nn.Linear:
     """One Linear whose output is the concatenation of ``parts``' outputs."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists (importing costs ~2 s)
+    if dtensor is not None and any(isinstance(p.weight, dtensor.DTensor) for p in parts):
+        raise RuntimeError("the projections of a tensor-parallel model are fused while it is sharded: "
+                           "load it with qwen2vl.distributed.load_tensor_parallel(..., fuse=True)")
     weight = torch.cat([p.weight for p in parts])
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)

@@ -1,0 +1,19 @@
+"""Tensor-parallel inference over torch.distributed (DTensor) under torchrun; docs/distributed.md.
+
+``layout`` (which slice each rank holds, the head-count rules), ``parallel`` (slices -> DTensors and
+PyTorch's parallel styles), ``launch`` (process group, sharded loading, the engine).
+"""
+
+from .launch import (
+                     close,
+                     init_tensor_parallel,
+                     is_main_process,
+                     load_tensor_parallel,
+                     shared_seed,
+                     tensor_parallel_engine,
+)
+from .layout import TensorParallelLayout
+from .parallel import parallelize
+
+__all__ = ["TensorParallelLayout", "close", "init_tensor_parallel", "is_main_process", "load_tensor_parallel",
+           "parallelize", "shared_seed", "tensor_parallel_engine"]

@@ -1,0 +1,172 @@
+"""Tensor parallelism on CPU (gloo, 2 processes): the same logits and tokens as one process, the rules.
+
+The 2-process checks run in one ``torch.multiprocessing`` spawn (starting processes is the cost);
+a failed assertion in a rank fails the test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from engine_helpers import write_image, write_video
+from processing_helpers import build_model_dir
+from train_helpers import tiny_model_config
+
+from qwen2vl.config import Qwen2VLConfig, TextConfig, preset
+from qwen2vl.distributed import TensorParallelLayout
+from qwen2vl.model import Qwen2VL
+
+LOGIT_TOL = 1e-5  # of the logit scale: float32 rounding of the row-parallel sums, nothing else
+SPAWN_TIMEOUT_S = 240
+
+
+def build_tp_checkpoint(directory: Path, **text) -> Path:
+    """A tiny random checkpoint (our own writer) with a processor; a large init std separates the logits."""
+    build_model_dir(str(directory), preprocessor={"min_pixels": 3136, "max_pixels": 56 * 56 * 4,
+                                                  "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2})
+    config = Qwen2VLConfig.from_dict(tiny_model_config(directory, initializer_range=0.1, **text))
+    Qwen2VL.from_config(config, seed=1).save_pretrained(directory)
+    return directory
+
+
+def user(*parts: str) -> list[dict]:
+    content = [{"type": "image", "image": p} if p.endswith(".png") else
+               {"type": "video", "video": p, "nframes": 4} if p.endswith(".mp4") else
+               {"type": "text", "text": p} for p in parts]
+    return [{"role": "user", "content": content}]
+
+
+def spawn(fn, *args) -> None:
+    """Run ``fn(rank, init_method, *args)`` on 2 gloo ranks."""
+    with tempfile.TemporaryDirectory() as rendezvous:
+        context = mp.start_processes(fn, args=("file://" + os.path.join(rendezvous, "store"), *args), nprocs=2,
+                                     join=False, start_method="spawn")
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        try:
+            while not context.join(timeout=5):  # False while a rank runs; raises with a failed rank's traceback
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"tensor-parallel ranks still running after {SPAWN_TIMEOUT_S} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+
+
+def join_group(rank: int, init_method: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["WORLD_SIZE"] = "2"
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+
+
+def parity_worker(rank: int, init_method: str, root: str) -> None:
+    from qwen2vl.distributed import close, init_tensor_parallel, load_tensor_parallel
+    from qwen2vl.generation.engine import Engine, read_generation_config
+    from qwen2vl.processing import Processor
+
+    join_group(rank, init_method)
+    mesh, _ = init_tensor_parallel(2, "cpu")
+    root = Path(root)
+    image, video = str(root / "a.png"), str(root / "clip.mp4")
+    prompts = [user(image, "What is this?"), user(video, "What happens?"), user("Tell me a story."),
+               user(image, video, "Both?")]
+    for name, fuse in (("model", False), ("model", True), ("model_kv1", False)):
+        directory = root / name
+        single = Qwen2VL.from_pretrained(directory)
+        sharded = load_tensor_parallel(directory, mesh, fuse=fuse)
+        processor = Processor.from_pretrained(directory)
+        for conversation in prompts:
+            batch = processor([conversation], add_generation_prompt=True)
+            with torch.no_grad():
+                want, got = single(**batch), sharded(**batch)
+            scale = want.abs().max()
+            assert (got - want).abs().max() <= LOGIT_TOL * scale, (name, fuse, conversation)
+        generation = read_generation_config(directory)
+        one, tp = Engine(single, processor, generation), Engine(sharded, processor, generation)
+        want = [r.token_ids for r in one.generate(prompts, max_new_tokens=16)]
+        got = [r.token_ids for r in tp.generate(prompts, max_new_tokens=16)]
+        assert got == want and all(len(t) == 16 for t in want), (name, fuse, got, want)
+        sampled = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=5)
+        assert tp.generate(prompts[2], **sampled)[0].token_ids == one.generate(prompts[2], **sampled)[0].token_ids
+    cache_heads = sharded.config.text.num_key_value_heads
+    assert cache_heads == 1 and sharded.config.text.head_dim == single.config.text.head_dim
+    close()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    build_tp_checkpoint(root / "model")
+    build_tp_checkpoint(root / "model_kv1", num_key_value_heads=1)  # 1 KV head: replicated on both ranks
+    (root / "model" / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    write_image(root / "a.png", (90, 70), seed=1)
+    write_video(root / "clip.mp4")
+    return root
+
+
+def test_two_ranks_match_one_process(root):
+    """Image, video, text and image+video prompts: logits within float32 rounding; 16 greedy tokens and
+    16 seeded sampled tokens identical; plain, fused projections, and a KV head replicated on both ranks."""
+    spawn(parity_worker, str(root))
+
+
+# --------------------------------------------------------------------------- the rules, no processes needed
+def text_config(heads: int, kv: int, hidden: int | None = None, **kw) -> TextConfig:
+    return TextConfig(hidden_size=hidden or 16 * heads, num_attention_heads=heads, num_key_value_heads=kv,
+                      intermediate_size=kw.pop("intermediate_size", 64), vocab_size=kw.pop("vocab_size", 128), **kw)
+
+
+@pytest.mark.parametrize("name,worlds", [("qwen2-vl-2b", (1, 2, 4)), ("qwen2-vl-7b", (1, 2, 4)),
+                                         ("qwen2-vl-72b", (1, 2, 4, 8))])
+def test_released_models_shard_on(name, worlds):
+    text = preset(name).text
+    for world in (1, 2, 3, 4, 8):
+        if world in worlds:
+            layouts = [TensorParallelLayout.for_config(text, r, world) for r in range(world)]
+            assert sum(layout.local_heads for layout in layouts) == text.num_attention_heads
+        else:
+            with pytest.raises(ValueError, match="cannot shard"):
+                TensorParallelLayout.for_config(text, 0, world)
+
+
+def test_heads_and_kv_heads_per_rank():
+    # 8 query heads, 2 KV heads on 4 ranks: each KV head on 2 ranks, next to the query heads using it
+    layouts = [TensorParallelLayout.for_config(text_config(8, 2), r, 4) for r in range(4)]
+    d = layouts[0].head_dim
+    assert [lay.split("model.layers.0.self_attn.q_proj.weight") for lay in layouts] == \
+        [(0, 2 * r * d, 2 * (r + 1) * d) for r in range(4)]
+    assert [lay.split("model.layers.3.self_attn.k_proj.bias") for lay in layouts] == \
+        [(0, 0, d), (0, 0, d), (0, d, 2 * d), (0, d, 2 * d)]
+    assert layouts[1].split("model.layers.0.self_attn.o_proj.weight") == (1, 2 * d, 4 * d)
+    assert layouts[3].split("model.layers.0.mlp.down_proj.weight") == (1, 48, 64)
+    assert layouts[3].split("lm_head.weight") == (0, 96, 128)
+    assert layouts[0].split("model.norm.weight") is None and layouts[0].split("visual.blocks.0.attn.qkv.weight") is None
+    # 8 KV heads on 4 ranks: split
+    assert TensorParallelLayout.for_config(text_config(8, 8), 1, 4).split("model.layers.0.self_attn.v_proj.weight") \
+        == (0, 2 * d, 4 * d)
+
+
+@pytest.mark.parametrize("config,world,message", [
+    (text_config(4, 2), 8, "tensor-parallel size 8 is larger than the 4 attention heads"),
+    (text_config(6, 6), 4, "6 attention heads do not divide among 4 ranks"),
+    (text_config(12, 6, hidden=192), 4, r"6 KV heads can neither be split among 4 ranks \(6 % 4 != 0\)"),
+    (text_config(4, 4, intermediate_size=66), 4, "intermediate_size 66 is not divisible"),
+    (text_config(4, 4, vocab_size=130), 4, "vocab_size 130 is not divisible by the tensor-parallel size 4"),
+])
+def test_refused_shapes_name_the_numbers(config, world, message):
+    with pytest.raises(ValueError, match=message):
+        TensorParallelLayout.for_config(config, 0, world)
+
+
+def test_world_size_must_match_the_processes(monkeypatch):
+    from qwen2vl.distributed import init_tensor_parallel
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="--tensor-parallel 2 needs 2 processes started by torchrun"):
+        init_tensor_parallel(2, "cpu")
