@@ -79,6 +79,9 @@ class DecodeLoop:
         self.rows: list[_Row | None] = [None] * rows
         self.prefilling: deque[int] = deque()  # rows whose prompt is not complete, oldest first
         self.counters = {"decode_steps": 0, "prefill_chunks": 0}
+        self._index: tuple[tuple[int, ...], torch.Tensor] | None = None  # decoding rows, on the device
+        cuda = model.device.type == "cuda"
+        self._host = torch.empty(rows, dtype=torch.long, pin_memory=cuda)  # where sampled columns land
 
     @property
     def capacity(self) -> int:
@@ -168,17 +171,20 @@ class DecodeLoop:
         # the slot each row is fed at is prompt + tokens - 1; attend up to the largest
         span = max(len(self.rows[r].prompt) + len(self.rows[r].seq.tokens) for r in rows)
         logits = self.step_model.decode(width, span)  # (width, V)
-        index = torch.tensor(rows, device=logits.device)
+        if self._index is None or self._index[0] != tuple(rows):  # changes only on admission and finish
+            self._index = (tuple(rows), torch.tensor(rows, device=logits.device))
+        index = self._index[1]
         generated = [len(self.rows[r].seq.tokens) for r in rows]
-        tokens, entries = self.sampler.sample(logits.index_select(0, index), rows, generated)
+        tokens, entries = self.sampler.sample(logits.index_select(0, index), rows, generated, index)
         column = torch.zeros(width, dtype=torch.long, device=logits.device).index_copy_(0, index, tokens)
         self.step_model.advance(column, width)
         self.counters["decode_steps"] += 1
         return self._accept(rows, tokens, entries)
 
     def _accept(self, rows: list[int], tokens: torch.Tensor, entries: list) -> list[TokenEvent]:
-        host = tokens.to("cpu", non_blocking=True)
-        if host.device != tokens.device:
+        host = self._host[: len(rows)]
+        host.copy_(tokens, non_blocking=True)  # the one device-to-host copy of the step (pinned on CUDA)
+        if tokens.device.type == "cuda":
             torch.cuda.current_stream(tokens.device).synchronize()
         events = []
         for row, token, entry in zip(rows, host.tolist(), entries):

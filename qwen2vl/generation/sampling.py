@@ -133,9 +133,10 @@ class BatchSampler:
         self.generators[row] = None
         self.penalty[row] = 1.0
 
-    def sample(self, logits: torch.Tensor, rows: list[int], generated: list[int]):
+    def sample(self, logits: torch.Tensor, rows: list[int], generated: list[int], index: torch.Tensor | None = None):
         """Next tokens of ``rows``; ``logits`` (len(rows), V) in that order; ``generated[i]`` is how many
-        tokens row ``rows[i]`` has produced so far (for ``min_tokens``).
+        tokens row ``rows[i]`` has produced so far (for ``min_tokens``); ``index``: ``rows`` as a device
+        tensor, if the caller holds one (greedy rows then need no host-to-device copy at all).
 
         Returns the tokens (len(rows),) on the device and, per row, its logprob entry or None.
         """
@@ -145,7 +146,8 @@ class BatchSampler:
         for i, allowed in bans:
             if allowed is not None:
                 x[i] = x[i].masked_fill(~allowed.to(x.device), float("-inf"))
-        index = torch.tensor(rows, device=x.device)
+        if index is None:
+            index = torch.tensor(rows, device=x.device)
         if self.seen is not None and any(p.repetition_penalty != 1.0 for p in params):
             x = apply_repetition_penalty(x, self.seen[index], self.penalty[index])
         tokens = x.argmax(-1)
