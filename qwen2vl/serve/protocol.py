@@ -9,7 +9,7 @@ Accepted content parts (``where`` in errors is ``messages[m].content[p]``)::
     {"type": "video", "video": ["f0.png", "f1.png"], "nframes": 2}           # Qwen style, frame list
 
 Per-item options (``min_pixels``, ``max_pixels``, ``fps``, ``max_frames`` ... see
-requests.MEDIA_OPTIONS) sit on the part itself or inside its ``image_url``/``video_url`` object;
+requests._MediaOptions) sit on the part itself or inside its ``image_url``/``video_url`` object;
 ``min_pixels``, ``max_pixels``, ``fps``, ``max_frames`` at the top level of the request are
 defaults for every item that does not set them. The field types and ranges are in requests.py.
 """

@@ -62,7 +62,6 @@ class _MediaOptions(_Model):
         return {k: v for k in _MediaOptions.model_fields if (v := getattr(self, k)) is not None}
 
 
-MEDIA_OPTIONS = tuple(_MediaOptions.model_fields)
 
 
 def _json_kind(value) -> str | None:
