@@ -18,7 +18,7 @@ from .tools import CALL_CLOSE, CALL_OPEN
 NEEDS = {"click": ["coordinate"], "double_click": ["coordinate"], "long_press": ["coordinate"],
          "scroll": ["coordinate", "direction"], "drag": ["coordinate", "coordinate2"], "type": ["text"],
          "answer": ["text"], "key": ["key"], "wait": ["time"], "terminate": ["status"]}
-MAX_STRING = 200  # characters of a constrained string argument
+MAX_STRING = 80  # characters of a constrained string argument (bounds the answer's length)
 
 
 def tool_call_grammar(tool: dict, actions: list[str] | None = None) -> str:
