@@ -220,3 +220,23 @@ def test_agent_cli_miniwob_json(tmp_path, capsys):
 
     with pytest.raises(UserError, match="unknown MiniWoB\\+\\+ task 'click-nothing'"):
         cli.main(["--miniwob", "click-nothing", "--trajectory-dir", str(out)])
+
+
+def test_agent_cli_on_a_page_with_an_openai_compatible_server(engine, page_url, tmp_path, capsys):
+    """--base-url: screenshots go to a server as data URLs; its replies are parsed (here: format errors)."""
+    from serve_helpers import ServerThread
+
+    from qwen2vl.agent import cli
+    from qwen2vl.serve.app import ServeSettings, create_app
+
+    out = tmp_path / "web"
+    with ServerThread(create_app(engine, ServeSettings(model_name="nano"))) as server:
+        assert cli.main(["--url", page_url, "--task", "Click the Go button.", "--base-url", f"{server.url}/v1",
+                         "--max-steps", "2", "--max-new-tokens", "24", "--viewport", "320x240",
+                         "--trajectory-dir", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["policy"] == f"openai:{server.url}/v1" and result["steps"] == 2
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert all(s["reply"] is not None and s["size"] == [320, 240] for s in steps)
+    assert result["format_errors"] == sum(s["action"] is None for s in steps)
+    assert all("error" in s for s in steps if s["action"] is None)
