@@ -3,6 +3,8 @@
 ``final/`` gets ``config.json`` + safetensors in the released key layout, and the tokenizer,
 chat-template, preprocessor and generation files of the source checkpoint (or tokenizer
 directory), so ``Qwen2VL.from_pretrained``, transformers and vLLM load it as they load Qwen's own.
+Its ``preprocessor_config.json`` carries the image pixel bounds the training processor used, so the
+exported model sizes images as it saw them in training.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.t
               "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
               "video_preprocessor_config.json", "generation_config.json")
 
-# Qwen2-VL's image processor settings, written when the source directory has none.
+# Qwen2-VL's image processor settings, the base when the source directory has none (pixel bounds
+# are always the training processor's).
 DEFAULT_PREPROCESSOR = {
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2VLProcessor",
@@ -31,7 +34,6 @@ DEFAULT_PREPROCESSOR = {
     "rescale_factor": 1 / 255,
     "image_mean": [0.48145466, 0.4578275, 0.40821073],
     "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "min_pixels": 3136, "max_pixels": 12845056,
     "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
 }
 
@@ -66,10 +68,26 @@ def plain_model(state: dict[str, torch.Tensor], config: Qwen2VLConfig, lora_conf
     return model.eval()
 
 
+def preprocessor_settings(base: dict, min_pixels: int, max_pixels: int) -> dict:
+    """``base`` (a preprocessor_config.json) with its image pixel bounds set to (min_pixels, max_pixels).
+
+    Both spellings are written (``min_pixels``/``max_pixels`` and ``size``), as transformers reads either.
+    """
+    if not 0 < min_pixels <= max_pixels:
+        raise ValueError(f"pixel bounds must be 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    out = dict(base)
+    out["min_pixels"], out["max_pixels"] = int(min_pixels), int(max_pixels)
+    out["size"] = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    return out
+
+
 def export_checkpoint(state: dict[str, torch.Tensor], config: Qwen2VLConfig, out_dir: str | Path,
-                      source_dir: str | Path | None, dtype: str | torch.dtype | None = None,
-                      lora_config=None) -> Path:
-    """Write ``out_dir`` (replacing it) as a plain HF checkpoint; side files come from ``source_dir``."""
+                      source_dir: str | Path | None, pixels: tuple[int, int],
+                      dtype: str | torch.dtype | None = None, lora_config=None) -> Path:
+    """Write ``out_dir`` (replacing it) as a plain HF checkpoint; side files come from ``source_dir``.
+
+    ``pixels``: the (min_pixels, max_pixels) the training processor resized images with.
+    """
     out = Path(out_dir)
     model = plain_model(state, config, lora_config)
     if dtype is not None:
@@ -82,8 +100,9 @@ def export_checkpoint(state: dict[str, torch.Tensor], config: Qwen2VLConfig, out
             src = Path(source_dir) / name
             if src.is_file():
                 shutil.copyfile(src, tmp / name)
-    if not (tmp / "preprocessor_config.json").is_file():
-        (tmp / "preprocessor_config.json").write_text(json.dumps(DEFAULT_PREPROCESSOR, indent=2) + "\n")
+    preprocessor = tmp / "preprocessor_config.json"
+    base = json.loads(preprocessor.read_text()) if preprocessor.is_file() else DEFAULT_PREPROCESSOR
+    preprocessor.write_text(json.dumps(preprocessor_settings(base, *pixels), indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -84,6 +84,7 @@ class Trainer:
         self.config = model.config
         self.export_dtype = model.config.torch_dtype or "float32"
         self.pad_id = processor.tokenizer.pad_id or 0
+        self.pixels = (processor.min_pixels, processor.max_pixels)  # written into the export
 
         def encode(messages):
             return processor.encode(messages, add_generation_prompt=False, return_labels=True,
@@ -249,7 +250,7 @@ class Trainer:
         if opts.export:
             state = full_state_dict(self.loss_model, d)
             if d.main:
-                final = export_checkpoint(state, self.config, self.out / "final", self.source,
+                final = export_checkpoint(state, self.config, self.out / "final", self.source, self.pixels,
                                           self.export_dtype, self.lora_config)
                 summary["final"] = str(final)
             barrier(d)

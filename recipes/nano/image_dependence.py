@@ -1,6 +1,6 @@
 """Does the model look? Per-task answer loss with each image as given and replaced by flat grey.
 
-    python recipes/nano/image_dependence.py runs/nano/eval-model runs/nano/data/dev
+    python recipes/nano/image_dependence.py runs/nano/qwen2vl-nano runs/nano/data/dev
 
 For every image sample of a dataset directory (``data.jsonl`` + media), the loss per supervised
 token of the reference answer is computed twice: with the real image, and with a mid-grey image

@@ -79,9 +79,11 @@ def train_stage(stage: int, out: Path, preset: dict, data: dict[str, Path], toke
     final = out / f"stage{stage}" / "final"
     if (final / "config.json").is_file():
         return final
+    # images are capped at the largest area the size policy draws; the export keeps that bound
+    max_side = SIZE_POLICIES[preset["data"]["size_policy"]].max_side
     options = {"data": data["train"] / "data.jsonl", "eval_data": data["dev"] / "data.jsonl",
                "output_dir": out / f"stage{stage}", "max_steps": preset["stages"][stage],
-               "progress": "false", **preset["train"]}
+               "max_pixels": max_side**2, "progress": "false", **preset["train"]}
     if stage == 1:
         options.update(model_config=RECIPE / "config.json", tokenizer=tokenizer)
     else:
@@ -94,27 +96,18 @@ def train_stage(stage: int, out: Path, preset: dict, data: dict[str, Path], toke
     return final
 
 
-def export(final: Path, out: Path, max_side: int) -> tuple[Path, Path]:
-    """(bf16 export, float32 copy of the same bf16-rounded weights for evaluation on CPU).
-
-    The exported ``preprocessor_config.json`` caps images at the training images' largest area
-    (``max_side`` squared): larger inputs are scaled down to what the model has seen.
-    """
+def export(final: Path, out: Path) -> Path:
+    """The bf16 export of the last stage; its processor settings are those training used."""
     import torch
 
     from qwen2vl import Qwen2VL
     from qwen2vl.train.export import export_checkpoint
 
     model = Qwen2VL.from_pretrained(final, dtype=torch.float32)
-    state = {name: t.to(torch.bfloat16) for name, t in model.state_dict().items()}
-    targets = []
-    for name, dtype in (("qwen2vl-nano", torch.bfloat16), ("eval-model", torch.float32)):
-        target = export_checkpoint(state, model.config, out / name, final, dtype=dtype)
-        preprocessor = json.loads((target / "preprocessor_config.json").read_text())
-        preprocessor["max_pixels"] = max_side**2
-        (target / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-        targets.append(target)
-    return targets[0], targets[1]
+    preprocessor = json.loads((final / "preprocessor_config.json").read_text())
+    pixels = (preprocessor["min_pixels"], preprocessor["max_pixels"])
+    return export_checkpoint(model.state_dict(), model.config, out / "qwen2vl-nano", final, pixels,
+                             dtype=torch.bfloat16)
 
 
 def share_first_stages(old: Path, out: Path) -> None:
@@ -157,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     final = None
     for stage in (1, 2, 3):
         final = train_stage(stage, out, preset, data, tokenizer, env, overrides.get(stage))
-    shipped, eval_model = export(final, out, SIZE_POLICIES[preset["data"]["size_policy"]].max_side)
-    cmd = [sys.executable, "-m", "qwen2vl", "eval", "--model", str(eval_model), "--data", str(data["test"]),
+    shipped = export(final, out)
+    cmd = [sys.executable, "-m", "qwen2vl", "eval", "--model", str(shipped), "--data", str(data["test"]),
            "--video-pixels", preset["data"]["video_pixels"], "--out", str(out / "eval.json"), "--quiet"]
     if args.force_size:
         cmd += ["--force-size", args.force_size]
