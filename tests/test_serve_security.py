@@ -302,6 +302,24 @@ def test_video_decoded_pixel_budgets(root, engine):
         still_answers(server)
 
 
+def test_a_container_with_too_many_frames_is_refused_while_probing(monkeypatch):
+    from qwen2vl.processing import video
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+        for _ in range(40):
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    monkeypatch.setattr(video, "MAX_CONTAINER_FRAMES", 32)  # 13 bytes a frame: 64 MB could index 5 million
+    with pytest.raises(video.MediaError, match="more than 32 frames") as caught:
+        video.probe_video(buffer.getvalue(), "clip")
+    assert caught.value.kind == "too_large"
+
+
 def test_no_server_path_or_object_repr_in_errors(root, engine):
     media = str(root / "media")
     with serve(engine, allowed_media_dir=media) as server:

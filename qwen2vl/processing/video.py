@@ -39,6 +39,7 @@ IMAGE_MAX_TOKENS = 16384
 MAX_RATIO = 200
 MAX_VIDEO_FRAME_PIXELS = 4096 * 4096  # decoded pixels per source frame (4K video fits; 8192x8192 does not)
 MAX_VIDEO_PIXELS = 768 * 1920 * 1080  # decoded pixels of all sampled frames of one video (768 full-HD frames)
+MAX_CONTAINER_FRAMES = 1 << 20  # frames a container may index (9.7 h at 30 fps; bounds the probe's time and memory)
 _SEEK_MIN_FRAMES = 16  # seek only when it skips at least this many frames
 _RESIZE_CHUNK = 8  # frames resized per interpolate call (bounds float32 memory)
 
@@ -214,6 +215,9 @@ def probe_video(data: str | bytes, source=None) -> VideoProbe:
             if packet.size == 0:
                 continue
             count += 1
+            if count > MAX_CONTAINER_FRAMES:
+                raise MediaError(f"video {describe(source)} has more than {MAX_CONTAINER_FRAMES} frames, over the "
+                                 f"limit", "too_large")
             ts = packet.pts if packet.pts is not None else packet.dts
             if ts is not None:
                 timestamps.append(ts)
