@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the tests need beyond pip, installed by .ci/run: Debian's chromium, which the web
-# chat page test (tests/test_serve_page.py) drives through Playwright.
+# chat page test (tests/test_serve_page.py) and the agent loop tests (tests/test_agent_loop.py) drive
+# through Playwright (never `playwright install`: Playwright launches this binary via executable_path).
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1; then
   exit 0

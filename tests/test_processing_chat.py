@@ -82,3 +82,25 @@ def test_bad_parts_are_named():
         render_chat([{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "image"}]}])
     with pytest.raises(ValueError, match="message 0 must be a dict"):
         render_chat([{"content": "no role"}])
+
+
+def test_tool_conversation_encodes_with_labels_on_calls_and_replies(model_dir):  # noqa: F811
+    """Through the processor: the tool result's image is encoded, labels cover the call and the reply only."""
+    from PIL import Image
+
+    from qwen2vl.processing import Processor
+
+    processor = Processor.from_pretrained(model_dir)
+    conversation = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1",
+         "content": [{"type": "image", "image": Image.new("RGB", (56, 56), "blue")}, {"type": "text", "text": "rain"}]},
+        {"role": "assistant", "content": "Rain."},
+    ]
+    sample = processor.encode(conversation, add_generation_prompt=False, return_labels=True)
+    assert sample.image_grid_thw.tolist() == [[1, 4, 4]]
+    trained = sample.labels[sample.labels != -100].tolist()
+    assert processor.tokenizer.decode(trained) == (
+        '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>Rain.<|im_end|>')
