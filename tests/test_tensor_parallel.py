@@ -6,6 +6,7 @@ a failed assertion in a rank fails the test with that rank's traceback.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -115,6 +116,64 @@ def test_two_ranks_match_one_process(root):
     """Image, video, text and image+video prompts: logits within float32 rounding; 16 greedy tokens and
     16 seeded sampled tokens identical; plain, fused projections, and a KV head replicated on both ranks."""
     spawn(parity_worker, str(root))
+
+
+# --------------------------------------------------------------------------- memory while loading
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_worker(rank: int, init_method: str, directory: str, out: str, world: int) -> None:
+    """Peak RSS growth (kB) from before loading until every weight has been read once (as a forward
+    reads them): the whole model in one process, or this rank's shard. Loading on the CPU maps the
+    file and reads nothing, so the reading is what brings the weights into memory."""
+    from qwen2vl.distributed import close, init_tensor_parallel, load_tensor_parallel
+    torch.set_num_threads(1)
+    if world > 1:
+        join_group(rank, init_method)
+        mesh, _ = init_tensor_parallel(world, "cpu")
+    importlib.import_module("torch._dynamo")  # parallelize_module imports it: ~30 MB of code, not weights
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current RSS
+    before = status_kb("VmRSS")
+    model = load_tensor_parallel(directory, mesh) if world > 1 else Qwen2VL.from_pretrained(directory)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    checksum = sum(float(p.detach().double().sum()) for p in local)
+    grown = status_kb("VmHWM") - before
+    held = sum(p.nbytes for p in local)
+    Path(out, f"{world}-{rank}.json").write_text(json.dumps({"grown_kb": grown, "held_bytes": held,
+                                                             "checksum": checksum}))
+    if world > 1:
+        close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmRSS from /proc")
+def test_loading_a_shard_takes_about_half_the_memory(tmp_path, capsys):
+    """A 60M-parameter float32 model (246 MB in 16 files): the peak RSS of each of 2 ranks grows by
+    about half of one process's (fresh processes, from before loading until every weight was read;
+    measured here: 255 MB one process, 134 and 130 MB per rank)."""
+    directory = tmp_path / "model"
+    build_model_dir(str(directory), preprocessor={"min_pixels": 3136, "max_pixels": 56 * 56 * 4})
+    config = Qwen2VLConfig.from_dict(tiny_model_config(directory, hidden_size=512, intermediate_size=2048,
+                                                       num_hidden_layers=16, num_attention_heads=8,
+                                                       num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}))
+    Qwen2VL.from_config(config).save_pretrained(directory, max_shard_size="16MB")  # 16 files, like 5 GB of a 72B's
+    weights = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    out = tmp_path / "rss"
+    out.mkdir()
+    with tempfile.TemporaryDirectory() as rendezvous:
+        mp.start_processes(memory_worker, args=("", str(directory), str(out), 1), nprocs=1, start_method="spawn")
+        mp.start_processes(memory_worker, args=("file://" + os.path.join(rendezvous, "store"), str(directory),
+                                                str(out), 2), nprocs=2, start_method="spawn")
+    single = json.loads((out / "1-0.json").read_text())
+    ranks = [json.loads((out / f"2-{r}.json").read_text()) for r in range(2)]
+    with capsys.disabled():
+        print(f"\n  peak RSS growth while loading {weights / 1e6:.0f} MB of weights: one process "
+              f"{single['grown_kb'] / 1e3:.0f} MB; TP=2 ranks {[round(r['grown_kb'] / 1e3) for r in ranks]} MB")
+    for r in ranks:
+        assert r["held_bytes"] < 0.55 * single["held_bytes"]
+        assert r["grown_kb"] < 0.6 * single["grown_kb"]
+    assert single["grown_kb"] * 1024 > 0.9 * weights  # the single figure is a real load, not noise
 
 
 # --------------------------------------------------------------------------- the rules, no processes needed

@@ -103,12 +103,17 @@ class TensorParallelLayout:
         return full[:dim] + (stop - start,) + full[dim + 1:]
 
     def read(self, name: str, part) -> torch.Tensor:
-        """This rank's part of ``name`` from a lazy ``safe_open(...).get_slice(key)``: only its bytes are read."""
+        """This rank's part of ``name`` from a lazy ``safe_open(...).get_slice(key)``, copied out.
+
+        Only the slice's bytes are read (for a column slice, the pages its rows touch). A slice is
+        a view of the file's memory map; the copy lets the map go when the file is closed, so a rank
+        holds its own slices only (a view would keep every page it ever touched mapped).
+        """
         split = self.split(name)
         if split is None:
-            return part[:]
+            return part[:].clone()
         dim, start, stop = split
-        return part[start:stop] if dim == 0 else part[:, start:stop]
+        return (part[start:stop] if dim == 0 else part[:, start:stop]).clone(memory_format=torch.contiguous_format)
 
     def rank_config(self, config: Qwen2VLConfig) -> Qwen2VLConfig:
         """``config`` as this rank's modules see it: its own query and KV head counts (the KV cache
