@@ -311,3 +311,19 @@ def test_scheduler_counters_are_consistent_under_threads(base):
         scheduler.stop()
     assert all(kind == "done" for kind, _ in results)
     assert sorted(r.completion_tokens for _, r in results) == list(range(3, 11))
+
+
+def test_a_non_streaming_client_that_goes_away_stops_its_row(base):
+    engine = fresh(base, False)
+    scheduler = Scheduler(engine, max_batch=2)
+    body = {"messages": user("Talk for a long time."), "max_tokens": 400, "ignore_eos": True}
+    with ServerThread(create_app(engine, ServeSettings(model_name="tiny"), scheduler)) as server:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=0.5)  # the client gives up
+        health = server.wait_for(lambda h: h["cancelled"] == 1, timeout=30)
+        tokens = health["generated_tokens"]
+        time.sleep(0.3)
+        later = server.health()
+    assert later["active"] == 0 and later["completed"] == 0
+    assert later["generated_tokens"] <= tokens + 1  # at most the step that was running when it went
+    assert tokens < 400

@@ -63,7 +63,6 @@ from .security import Guard
 
 log = logging.getLogger("qwen2vl.serve")
 STATIC = Path(__file__).resolve().parent / "static"
-DISCONNECT_POLL_S = 0.25
 RETRY_AFTER_S = 1
 TEXT_WORKERS = 2  # threads that parse bodies and prepare text-only requests
 COUNTED_ROUTES = ("/v1/chat/completions", "/v1/completions")
@@ -335,16 +334,15 @@ class Reply:
         return completion(self.ident, self.model, results, self.tokenizer)
 
     async def collect(self, request: Request) -> JSONResponse:
-        """Wait for every choice, cancelling the jobs if the client disconnects meanwhile."""
+        """Wait for every choice; if the client disconnects meanwhile, its jobs are cancelled at once
+        (their rows are freed before the scheduler's next step)."""
         results: list = [None] * len(self.jobs)
+        watcher = asyncio.create_task(self._watch(request))
         try:
             while any(r is None for r in results):
-                try:
-                    index, event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():  # the finally below cancels the jobs
-                        return JSONResponse(error_body(499, "client disconnected"), status_code=499)
-                    continue
+                index, event = await self.events.get()
+                if event[0] == "gone":  # the finally below has nothing left to cancel
+                    return JSONResponse(error_body(499, "client disconnected"), status_code=499)
                 if event[0] == "delta":
                     self._timing()
                 elif event[0] == "done":
@@ -354,7 +352,16 @@ class Reply:
             self.metrics.finished(results)
             return JSONResponse(self._body(results))
         finally:
+            watcher.cancel()
             self._cancel()
+
+    async def _watch(self, request: Request) -> None:
+        """Cancel the jobs as soon as the server sees the client go (the body is read: the next ASGI
+        message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self._cancel()
+        self.events.put_nowait((None, ("gone",)))
 
     async def stream(self):
         """A role chunk per choice, a chunk per text delta, a finish chunk per choice, then ``[DONE]``.
