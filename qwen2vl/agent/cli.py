@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     name = args.miniwob or "web"
     out = Path(args.trajectory_dir or Path("agent-runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     policy, policy_name = make_policy(args)
-    from .browser import Browser
+    try:
+        import playwright.sync_api  # noqa: F401
+
+        from .browser import Browser
+    except ModuleNotFoundError as e:
+        raise UserError(f"{e}; install the agent extra: pip install 'qwen2vl[agent]'") from None
 
     def browser_factory(viewport):
         return Browser(viewport, chromium=args.chromium)

@@ -24,6 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..agent.tools import (
+    FN_EXIT,
+    FN_RESULT,
+    RESPONSE_CLOSE,
+    RESPONSE_OPEN,
+    call_arguments,
+    check_format,
+    format_call,
+    tools_block,
+)
 from .sources import MediaError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -97,8 +107,6 @@ def render_chat(conversation: list[dict], add_generation_prompt: bool = True, ad
     blank line. Assistant messages with OpenAI ``tool_calls`` and ``tool`` messages (content text or
     parts, images allowed) are rendered in that format whether or not ``tools`` are given.
     """
-    from ..agent.tools import check_format, tools_block
-
     if not isinstance(conversation, (list, tuple)) or not conversation:
         raise ValueError("a conversation must be a non-empty list of messages")
     check_format(tool_format)
@@ -214,8 +222,6 @@ def _has_content(content) -> bool:
 
 def _assistant_body(writer: _Writer, message: dict, m: int, tool_format: str, continued: bool) -> None:
     """Content, then each of ``tool_calls`` in the format (all trained on); ``continued``: after qwen results."""
-    from ..agent.tools import FN_RESULT, call_arguments, format_call
-
     content = message.get("content")
     writer.content(content, m, train=True)
     calls = message.get("tool_calls") or []
@@ -239,8 +245,6 @@ def _ends_open(conversation: list[dict], m: int, tool_format: str) -> bool:
 def _tool_result(writer: _Writer, message: dict, m: int, neighbours: tuple[str | None, str | None],
                  tool_format: str, turn_open: bool) -> bool:
     """One ``tool`` message (``neighbours``: the roles before and after it); returns whether the turn stays open."""
-    from ..agent.tools import FN_EXIT, FN_RESULT, RESPONSE_CLOSE, RESPONSE_OPEN
-
     previous, nxt = neighbours
     if tool_format == "hermes":  # consecutive results share one user turn
         writer.text("<|im_start|>user\n" if previous != "tool" else "\n")
