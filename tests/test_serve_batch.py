@@ -93,6 +93,31 @@ def test_results_match_engine_and_errors_are_lines(root, engine, tmp_path):
     assert out.read_text() == before
 
 
+def test_choices_logprobs_and_structured_output(root, engine, tmp_path):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    rows = [{**request(0, max_tokens=6), "n": 2, "temperature": 1.0, "seed": 5},
+            {**request(1, max_tokens=3), "logprobs": True, "top_logprobs": 2},
+            {**request(2, max_tokens=24), "response_format": {"type": "json_schema",
+                                                                "json_schema": {"name": "x", "schema": schema}}}]
+    out = tmp_path / "out.jsonl"
+    assert cli_main(["batch", "--input", str(write_jsonl(tmp_path / "in.jsonl", rows)), "--output", str(out),
+                     "--model", str(root / "model"), "--quiet"]) == 0
+    results = {r["id"]: r["response"] for r in read_jsonl(out)}
+    conversation = [{"role": "user", "content": rows[0]["messages"][0]["content"]}]
+    choices = results["r000"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for choice, seed in zip(choices, (5, 6)):  # choice i samples with seed + i
+        want = engine.generate([conversation], max_new_tokens=6, temperature=1.0, seed=seed,
+                               skip_special_tokens=True)[0]
+        assert choice["message"]["content"] == want.text
+    assert results["r000"]["usage"]["completion_tokens"] == 12
+    content = results["r001"]["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in content)
+    answer = json.loads(results["r002"]["choices"][0]["message"]["content"])
+    assert set(answer) == {"ok"} and isinstance(answer["ok"], bool)
+
+
 @pytest.mark.parametrize("lines,phrase", [
     (['{"id": "a", "messages": []}', "{oops"], "in.jsonl:2: not valid JSON"),
     (['{"messages": []}'], "in.jsonl:1: the request needs an \"id\""),

@@ -32,6 +32,7 @@ import json
 import os
 import queue
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,8 +40,9 @@ from ..cli import UserError
 from ..generation.cli import Parser, add_model_options, load_engine
 from ..processing import MediaAccess
 from .cli import add_serving_options, check_serving_options, served_model_name
+from .constraints import json_constraint_factory
 from .errors import APIError
-from .protocol import MediaPolicy, completion, completion_id, parse_chat_request, prepare
+from .protocol import MediaPolicy, choice_params, completion, completion_id, parse_chat_request, prepare
 from .scheduler import Job, QueueFull, Scheduler, SchedulerDown
 
 
@@ -83,64 +85,85 @@ def main(argv: list[str]) -> int:
 
 
 def run(engine, todo: list, path: Path, args, model_name: str, rank: int, world: int) -> None:
-    """Generate every request of ``todo`` through one scheduler, appending each result as it finishes."""
+    """Generate every request of ``todo`` through one scheduler, appending each result as it finishes.
+
+    A request's ``n`` choices are ``n`` jobs; its line is written when all of them are done. Media
+    are read under one policy for the whole file (the input is the user's own: private addresses
+    may be fetched when remote media are allowed).
+    """
     from tqdm import tqdm
 
-    engine.processor.access = MediaAccess(args.allow_remote_media, args.allowed_media_dir, args.remote_timeout,
-                                          int(args.max_remote_mb * (1 << 20)))
-    if args.max_image_pixels is not None:
-        engine.processor.max_image_pixels = args.max_image_pixels
+    access = MediaAccess(args.allow_remote_media, args.allowed_media_dir, args.remote_timeout,
+                         int(args.max_remote_mb * (1 << 20)), max_image_pixels=args.max_image_pixels,
+                         max_video_frame_pixels=args.max_video_frame_pixels, max_video_pixels=args.max_video_pixels)
     policy = MediaPolicy(allow_remote=args.allow_remote_media, allowed_media_dir=args.allowed_media_dir,
                          local_files=args.allowed_media_dir is None, max_items=args.max_media_items)
+    tokenizer = engine.processor.tokenizer
+    constraints = json_constraint_factory(tokenizer)
     max_len = Scheduler.serving_max_len(engine, args.max_model_len)
     scheduler = Scheduler(engine, args.max_batch, max_queue=2 * args.max_batch, max_len=max_len)
     finished: queue.Queue = queue.Queue()
     desc = "batch" if world == 1 else f"batch rank {rank}/{world}"
     bar = tqdm(total=len(todo), desc=desc, unit="req", disable=args.quiet, position=rank, file=sys.stderr)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    in_flight = 0
+    pending: dict = {}  # key(ident) -> (ident, jobs, results)
 
     def write(record: dict) -> None:
         append_line(fd, record)
         bar.update(1)
 
     def drain(until: int) -> None:
-        """Write the results that are ready, waiting while more than ``until`` requests are in flight."""
-        nonlocal in_flight
-        while in_flight:
+        """Write the requests that are done, waiting while more than ``until`` are in flight."""
+        while pending:
             try:
-                ident, kind, value = finished.get(block=in_flight > until)
+                ident, index, kind, value = finished.get(block=len(pending) > until)
             except queue.Empty:
                 return
-            in_flight -= 1
-            if kind == "done":
-                write({"id": ident, "response": completion(completion_id(), model_name, value)})
-            else:
+            if key(ident) not in pending:
+                continue  # a choice of a request that already failed
+            _, jobs, results = pending[key(ident)]
+            if kind != "done":
+                for job in jobs:
+                    scheduler.cancel(job)
+                del pending[key(ident)]
                 write({"id": ident, "status": 500, "error": {"message": value, "type": "server_error",
                                                              "param": None, "code": None}})
+                continue
+            results[index] = value
+            if all(r is not None for r in results):
+                del pending[key(ident)]
+                write({"id": ident, "response": completion(completion_id(), model_name, results, tokenizer)})
 
     scheduler.start()
     try:
         for ident, body in todo:
             try:
                 chat = parse_chat_request({k: v for k, v in body.items() if k != "id"}, policy)
-                batch, params = prepare(engine, chat, scheduler.max_len, args.default_max_tokens)
+                batch, params = prepare(engine, chat, scheduler.max_len, args.default_max_tokens, access, constraints)
+                choices = [params] + [choice_params(params, chat, i, constraints) for i in range(1, chat.n)]
             except APIError as err:
                 write({"id": ident, "status": err.status, **err.body()})
                 continue
-            while True:
+            jobs = [Job(batch, p, _sink(finished, ident, i)) for i, p in enumerate(choices)]
+            pending[key(ident)] = (ident, jobs, [None] * len(jobs))
+            for job in jobs:
+                while True:
+                    try:
+                        scheduler.reserve()
+                        break
+                    except QueueFull:  # places free up as waiting jobs are admitted
+                        drain(until=len(pending))
+                        time.sleep(0.01)
                 try:
-                    scheduler.reserve()
+                    scheduler.submit(job)
+                except ValueError as err:
+                    for other in jobs:
+                        scheduler.cancel(other)
+                    pending.pop(key(ident), None)
+                    write({"id": ident, "status": 400,
+                           **APIError(400, str(err), "context_length_exceeded", "max_tokens").body()})
                     break
-                except QueueFull:
-                    drain(until=in_flight - 1)
-            try:
-                scheduler.submit(Job(batch, params, _sink(finished, ident)))
-            except ValueError as err:
-                write({"id": ident, "status": 400, **APIError(400, str(err), "context_length_exceeded").body()})
-                continue
-            in_flight += 1
-            drain(until=in_flight)
+            drain(until=len(pending))
         drain(until=0)
     finally:
         scheduler.stop()
@@ -148,10 +171,10 @@ def run(engine, todo: list, path: Path, args, model_name: str, rank: int, world:
         bar.close()
 
 
-def _sink(finished: queue.Queue, ident):
+def _sink(finished: queue.Queue, ident, index: int):
     def sink(event: tuple) -> None:
         if event[0] != "delta":
-            finished.put((ident, *event))
+            finished.put((ident, index, *event[:2]))
     return sink
 
 
