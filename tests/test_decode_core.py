@@ -60,22 +60,25 @@ def test_stream_delivers_each_delta_before_the_next_steps(base, root, static):
     assert len(seen) >= 10 and seen[-1] >= 10  # many deltas, one per step or so
 
 
+class SlowEngine(Engine):
+    """Each loop step waits ``pause`` seconds after its work (events cross the socket meanwhile)."""
+
+    pause = 0.05
+
+    def new_loop(self, rows, capacity):
+        loop = super().new_loop(rows, capacity)
+        step = loop.step
+
+        def slow_step():
+            events = step()
+            time.sleep(self.pause)
+            return events
+        loop.step = slow_step
+        return loop
+
+
 def test_server_stream_delivers_each_delta_before_the_next_steps(base):
-    engine = fresh(base, False)
-
-    class SlowEngine(Engine):
-        def new_loop(self, rows, capacity):
-            loop = super().new_loop(rows, capacity)
-            step = loop.step
-
-            def slow_step():
-                events = step()
-                time.sleep(0.05)  # give the event a moment to cross the socket before the next step
-                return events
-            loop.step = slow_step
-            return loop
-
-    slow = SlowEngine(engine.model, engine.processor, engine.generation_config)
+    slow = SlowEngine(base.model, base.processor, base.generation_config)
     scheduler = Scheduler(slow, max_batch=2)
     body = {"messages": user("Tell a story."), "max_tokens": 16, "stream": True, "ignore_eos": True}
     with ServerThread(create_app(slow, ServeSettings(model_name="tiny"), scheduler)) as server:
@@ -314,7 +317,8 @@ def test_scheduler_counters_are_consistent_under_threads(base):
 
 
 def test_a_non_streaming_client_that_goes_away_stops_its_row(base):
-    engine = fresh(base, False)
+    engine = SlowEngine(base.model, base.processor, base.generation_config)
+    engine.pause = 0.01  # 400 tokens take over 4 s: the client's 0.5 s are up long before
     scheduler = Scheduler(engine, max_batch=2)
     body = {"messages": user("Talk for a long time."), "max_tokens": 400, "ignore_eos": True}
     with ServerThread(create_app(engine, ServeSettings(model_name="tiny"), scheduler)) as server:
