@@ -12,6 +12,12 @@ GPU). LoRA: r 16 on q/k/v/o/gate/up/down of the LLM, everything else frozen. Ful
 transformers gets the samples as one padded batch with labels (its standard training input);
 ours gets them packed into --seq-len rows and, for a like-for-like view, one sample per row.
 Tokens/s counts real tokens (no padding). Each engine runs in its own subprocess.
+
+``--nano`` measures the qwen2vl-nano recipe instead: ``qwen2vl train`` (stage 2, the recipe's model
+config and tokenizer) on its synthetic data, samples per second of whole optimizer steps (data
+preparation included) after one warm-up step, for each data arm, arms alternated ``--repeats`` times::
+
+    python benchmarks/train.py --nano fixed-1024x4,stream-1024x4,stream-512x8 --steps 8 --threads 2
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -171,6 +178,72 @@ def run_transformers(directory: Path, mode: str, args) -> dict:
             "trainable": sum(p.numel() for p in params), "peak_gb": peak_memory_gb(args.device)}
 
 
+NANO_OLD_MIX = "reading=0.35,counting=0.2,grounding=0.2,chart=0.1,video=0.15"
+NANO_MIX = {"reading": 0.3, "counting": 0.2, "grounding": 0.2, "chart": 0.1, "video": 0.1, "gui": 0.1}
+NANO_ARMS = {  # name: (data, seq_len, rows per step)
+    "fixed-1024x4": ("fixed", 1024, 4),  # the first recipe: a written set (compact sizes), packed
+    "stream-1024x4": ("stream", 1024, 4),  # generated on the fly, per-task sizes
+    "stream-512x8": ("stream", 512, 8),
+}
+
+
+def nano_data(directory: Path, kind: str) -> Path:
+    """The arm's training data: a written compact set (``fixed``) or a stream spec with per-task sizes."""
+    if kind == "fixed":
+        target = directory / "fixed"
+        if not (target / "data.jsonl").is_file():
+            subprocess.run([sys.executable, "-m", "qwen2vl.data.make_dataset", "--out", str(target), "--n", "600",
+                            "--seed", "0", "--size-policy", "compact", "--video-pixels", "3136,50176",
+                            "--tasks", NANO_OLD_MIX, "--quiet"], check=True)
+        return target / "data.jsonl"
+    spec = directory / "stream.yaml"
+    spec.write_text(json.dumps({"synthetic": {"split": "train", "seed": 0, "tasks": NANO_MIX,
+                                              "size_policy": "per-task", "video_pixels": [3136, 50176]}}))
+    return spec
+
+
+def run_nano(arm: str, directory: Path, steps: int) -> dict:
+    from qwen2vl.train.distributed import Dist
+    from qwen2vl.train.metrics import read_metrics
+    from qwen2vl.train.options import load_options
+    from qwen2vl.train.trainer import Trainer
+
+    kind, seq_len, rows = NANO_ARMS[arm]
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "nano"
+    out = directory / f"run-{arm}"
+    shutil.rmtree(out, ignore_errors=True)
+    options = {"model_config": str(recipe / "config.json"), "tokenizer": str(recipe.parents[1] / "qwen2vl" / "assets"
+               / "qwen2vl-nano"), "data": str(nano_data(directory, kind)), "output_dir": str(out),
+               "seq_len": str(seq_len), "batch_size": str(rows), "max_steps": str(steps + 1), "lr": "1e-3",
+               "max_pixels": str(512 * 512), "export": "false", "progress": "false", "stage": "2"}
+    Trainer(load_options(None, options), Dist()).fit()
+    records = read_metrics(out / "metrics.jsonl")[1:]  # the first step warms up
+    seconds = sum(r["step_s"] for r in records)
+    return {"samples_per_s": sum(r["samples"] for r in records) / seconds,
+            "tokens_per_s": sum(r["tokens"] for r in records) / seconds,
+            "supervised_per_s": sum(r["supervised_tokens"] for r in records) / seconds,
+            "padding": statistics.mean(r["padding"] for r in records), "step_s": seconds / len(records)}
+
+
+def nano_main(args) -> None:
+    directory = Path(args.dir or tempfile.mkdtemp(prefix="qwen2vl-nano-bench-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    arms = args.nano.split(",")
+    unknown = [a for a in arms if a not in NANO_ARMS]
+    if unknown:
+        raise SystemExit(f"unknown --nano arm(s) {unknown}; expected some of {list(NANO_ARMS)}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {args.threads} thread(s), {args.steps} steps per run")
+    print(f"{'arm':<15} {'run':>3} {'step s':>7} {'samples/s':>10} {'tokens/s':>9} {'answer tok/s':>13} {'padding':>8}")
+    for repeat in range(args.repeats):
+        for arm in arms:  # alternated, so a change in the machine's load reaches every arm
+            cmd = [sys.executable, __file__, "--nano-arm", arm, "--steps", str(args.steps), "--dir", str(directory)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{arm:<15} {repeat + 1:>3} {r['step_s']:>7.2f} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>9.0f} "
+                  f"{r['supervised_per_s']:>13.1f} {r['padding']:>8.1%}", flush=True)
+
+
 def child(args) -> None:
     torch.manual_seed(0)
     directory = Path(args.dir)
@@ -191,7 +264,16 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--dir", default=None, help="where the random checkpoint is written (default: a temp dir)")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--nano", help=f"comma list of nano recipe data arms: {', '.join(NANO_ARMS)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per nano run (default 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternated runs of each nano arm (default 2)")
+    parser.add_argument("--nano-arm", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.nano_arm:
+        print(json.dumps(run_nano(args.nano_arm, Path(args.dir), args.steps)))
+        return None
+    if args.nano:
+        return nano_main(args)
     if args.engine:
         return child(args)
     directory = Path(args.dir or tempfile.mkdtemp(prefix="qwen2vl-train-bench-"))

@@ -302,3 +302,34 @@ def test_gui_screens_answers_click_inside_the_drawn_target():
             assert x1 <= x < x2 and y1 <= y < y2
             region = pixels[y1:y2, x1:x2].reshape(-1, 3)
             assert len(np.unique(region, axis=0)) > 1  # something is drawn in the target box
+
+
+# ------------------------------------------------------------------------------ per-task sizes, basics
+
+def test_per_task_policy_caps_each_task_and_leaves_the_others():
+    policy = SIZE_POLICIES["per-task"]
+    caps = dict(policy.task_max_side)
+    for task in ("counting", "grounding", "chart", "reading"):
+        sides = [v for s in samples(task, n=60, seed=6, policy="per-task") for v in s.image.size]
+        limit = caps.get(task, policy.max_side)
+        assert min(sides) >= policy.min_side and max(sides) <= limit and max(sides) > 0.8 * limit, task
+    assert policy.for_task("reading") is policy
+    # the cap changes only the sizes drawn: the same scene is asked about under both policies
+    assert generate_sample(7, 6, "train", ["counting"], "per-task").meta["kind"] == generate_sample(
+        7, 6, "train", ["counting"], "compact").meta["kind"]
+    with pytest.raises(ValueError, match="max side 600 of task 'chart' is outside"):
+        type(policy)(100, 512, (("chart", 600),))
+
+
+def test_basics_answers_match_the_big_drawn_shapes():
+    batch = samples("basics", n=90, seed=8, policy="per-task")
+    assert {s.meta["kind"] for s in batch} == {"colour", "shape", "count"}
+    for s in batch:
+        objects = s.meta["objects"]
+        pixels = np.asarray(s.image)
+        for o in objects:
+            x1, y1, x2, y2 = o["box"]
+            assert min(x2 - x1, y2 - y1) >= min(s.image.size) // 5  # big (a quarter of the short side, less when crowded)
+            assert (pixels[y1:y2, x1:x2] == COLOURS[o["colour"]]).all(axis=-1).any()
+        expected = {"colour": objects[0]["colour"], "shape": objects[0]["shape"], "count": str(len(objects))}
+        assert s.answer == expected[s.meta["kind"]]

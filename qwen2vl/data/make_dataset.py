@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, default="train", help="seed namespace; eval never overlaps train")
     p.add_argument("--tasks", help=f"comma list of {', '.join(TASKS)}, optionally name=weight")
     p.add_argument("--size-policy", choices=sorted(SIZE_POLICIES), default="varied",
-                   help="image sides: varied 100-1200 px, compact 100-512 px")
+                   help="image sides: varied 100-1200 px, compact 100-512 px, per-task: compact with shape scenes <= 320 px, "
+                        "charts <= 384 px")
     p.add_argument("--force-size", help="N or WxH: every media item asks the processor for this size (ablation)")
     p.add_argument("--video-format", choices=["frames", "mp4"], default="frames")
     p.add_argument("--video-pixels", help="MIN,MAX: per-frame min_pixels and max_pixels on every video item")

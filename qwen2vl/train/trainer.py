@@ -32,6 +32,7 @@ from .optim import clip_grad_norm, lr_factor, make_optimizer, set_lr
 from .options import OptionError, TrainOptions
 from .packing import PackedStream, collate, pack_in_order
 from .stages import apply_freezing, learning_rates, lora_parts, param_groups, trainable_parts
+from .stream import SyntheticStream, is_stream_spec
 
 
 def load_model_and_processor(opts: TrainOptions):
@@ -90,7 +91,12 @@ class Trainer:
             return processor.encode(messages, add_generation_prompt=False, return_labels=True,
                                     max_tokens=opts.seq_len)
 
-        self.train_data = Dataset(opts.data, encode, opts.seq_len, d, opts.on_bad_record)
+        if any(is_stream_spec(p) for p in opts.data):
+            if len(opts.data) > 1:
+                raise OptionError(f"a generated data stream ({opts.data}) must be the only `data` entry")
+            self.train_data = SyntheticStream(opts.data[0], encode, opts.seq_len)
+        else:
+            self.train_data = Dataset(opts.data, encode, opts.seq_len, d, opts.on_bad_record)
         self.eval_data = Dataset(opts.eval_data, encode, opts.seq_len, d, opts.on_bad_record) if opts.eval_data else None
         self._report_bad()
 
@@ -124,7 +130,7 @@ class Trainer:
             if data is None:
                 continue
             self.log(f"{name} data: {data.summary()}")
-            if data.bad and self.d.main:
+            if getattr(data, "bad", None) and self.d.main:
                 with (self.out / f"skipped-{name}.jsonl").open("w") as f:
                     for bad in data.bad:
                         f.write(json.dumps({"source": bad.source, "reason": bad.reason}) + "\n")
@@ -153,7 +159,8 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def fit(self) -> dict:
         opts, d = self.opts, self.d
-        stream = PackedStream(self.train_data.lengths, opts.seq_len, opts.seed, opts.shuffle)
+        generated = isinstance(self.train_data, SyntheticStream)
+        stream = None if generated else PackedStream(self.train_data.lengths, opts.seq_len, opts.seed, opts.shuffle)
         metrics = MetricsLog(self.out / "metrics.jsonl", self.step) if d.main else None
         self.log(f"training {self.n_trainable:,} parameters on {d.world_size} process(es), "
                  f"{opts.batch_size} x {opts.seq_len}-token rows per step, steps {self.step + 1}..{opts.max_steps}")
@@ -164,9 +171,10 @@ class Trainer:
             upcoming = pool.submit(self._prepare, stream, self.step)
             for step in range(self.step, opts.max_steps):
                 t0 = time.perf_counter()
-                epoch, tokens, supervised, batches = upcoming.result()
+                epoch, local, batches = upcoming.result()
                 if step + 1 < opts.max_steps:
                     upcoming = pool.submit(self._prepare, stream, step + 1)
+                tokens, supervised, samples = (int(v) for v in all_sum(d, local))  # over the global batch
                 factor = lr_factor(step, opts.warmup_steps, opts.max_steps, opts.min_lr_ratio)
                 set_lr(self.optimizer, factor)
                 loss, grad_norm = self._train_step(batches, supervised)
@@ -174,6 +182,7 @@ class Trainer:
                 run_tokens += tokens
                 last = {"step": step + 1, "loss": loss, "lr": opts.lr * factor, "grad_norm": grad_norm,
                         "tokens": tokens, "supervised_tokens": supervised, "tokens_per_s": tokens / elapsed,
+                        "samples": samples, "padding": 1 - tokens / (opts.batch_size * opts.seq_len),
                         "epoch": epoch, "step_s": elapsed}
                 if self.eval_data is not None and self._due(step + 1, opts.eval_every):
                     last["eval_loss"] = self.evaluate()
@@ -189,17 +198,25 @@ class Trainer:
             bar.close()
         return self._finish(last)
 
-    def _prepare(self, stream: PackedStream, step: int):
-        """(epoch, global tokens, global supervised tokens, this process's micro-batches on the CPU)."""
+    def _prepare(self, stream: PackedStream | None, step: int):
+        """(epoch, this process's [tokens, supervised tokens, samples], its micro-batches on the CPU).
+
+        Rows come from the packed data set (``stream``) or, with ``stream`` None, are generated.
+        """
         opts, d, data = self.opts, self.d, self.train_data
-        rows = stream.rows(step * opts.batch_size, opts.batch_size)  # the global batch
-        tokens = sum(data.lengths[i] for _, row in rows for i in row)
-        supervised = sum(data.supervised[i] for _, row in rows for i in row)
         per_process = opts.batch_size // d.world_size
+        first = step * opts.batch_size + d.rank * per_process  # this process's rows of the global batch
+        if stream is None:
+            epoch, mine = 0, [data.row(g) for g in range(first, first + per_process)]
+        else:
+            rows = stream.rows(first, per_process)
+            epoch, mine = rows[-1][0], [[data.sample(i) for i in row] for _, row in rows]
+        samples = [s for row in mine for s in row]
+        local = [sum(int(s.input_ids.numel()) for s in samples),
+                 sum(int((s.labels[1:] != -100).sum()) for s in samples), len(samples)]
         micro = per_process // opts.grad_accum
-        mine = [row for _, row in rows[d.rank * per_process:(d.rank + 1) * per_process]]
-        batches = [self._collate(data, mine[k * micro:(k + 1) * micro]) for k in range(opts.grad_accum)]
-        return rows[-1][0], tokens, supervised, batches
+        batches = [collate(mine[k * micro:(k + 1) * micro], self.config, self.pad_id) for k in range(opts.grad_accum)]
+        return epoch, local, batches
 
     def _train_step(self, batches: list, supervised: int) -> tuple[float, float]:
         """Accumulate the micro-batches, clip, step: (global mean token loss, gradient norm)."""

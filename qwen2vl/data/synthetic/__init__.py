@@ -4,7 +4,8 @@ Task families: ``reading`` (documents, receipts, signs; some with text too small
 ``counting`` and ``grounding`` (scenes of coloured shapes), ``chart`` (bar charts) and ``video``
 (short clips of moving or appearing shapes) and ``gui``
 (screens of buttons, links, tabs, fields, checkboxes, menus and dialogs; answers are computer_use calls;
-not in DEFAULT_MIX). :func:`write_dataset` writes ``data.jsonl`` + media.
+not in DEFAULT_MIX) and ``basics`` (one to four big shapes: their colour, kind or number; the start of a
+curriculum). :func:`write_dataset` writes ``data.jsonl`` + media.
 """
 
 from .common import SIZE_POLICIES, SPLITS, Sample, SizePolicy, sample_rng

@@ -36,19 +36,35 @@ class Sample:
 
 @dataclass(frozen=True)
 class SizePolicy:
-    """Image sides are drawn from ``[min_side, max_side]`` (log-uniform long side)."""
+    """Image sides are drawn from ``[min_side, max_side]`` (log-uniform long side).
+
+    ``task_max_side`` lowers ``max_side`` for some tasks, e.g. ``(("counting", 320),)``: scenes of
+    a few shapes need fewer pixels (and vision tokens) than a page of text.
+    """
 
     min_side: int = 100
     max_side: int = 1200
+    task_max_side: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         if not 28 <= self.min_side <= self.max_side:
             raise ValueError(f"size policy needs 28 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        for task, side in self.task_max_side:
+            if not self.min_side <= side <= self.max_side:
+                raise ValueError(f"size policy: max side {side} of task {task!r} is outside "
+                                 f"[{self.min_side}, {self.max_side}]")
+
+    def for_task(self, task: str) -> SizePolicy:
+        """The policy one task's images are drawn with (its own max side, if it has one)."""
+        side = dict(self.task_max_side).get(task)
+        return self if side is None else SizePolicy(self.min_side, side)
 
 
 SIZE_POLICIES = {
     "varied": SizePolicy(100, 1200),  # the issue's range: sides from about 100 to 1200 px
     "compact": SizePolicy(100, 512),  # cheaper in vision tokens, for CPU training budgets
+    # compact, with shape scenes and charts at most 320 px: they hold no detail that needs more
+    "per-task": SizePolicy(100, 512, (("counting", 320), ("grounding", 320), ("chart", 384), ("basics", 224))),
 }
 
 

@@ -66,17 +66,17 @@ def shape_mask(shape: str, side: int) -> tuple[Image.Image, tuple[int, int, int,
 
 
 def place(rng: random.Random, size: tuple[int, int], specs: list[tuple[str, str]], max_side: int,
-          occupied: tuple[list[int], ...] = ()) -> list[dict]:
+          occupied: tuple[list[int], ...] = (), min_side: int = MIN_SIDE) -> list[dict]:
     """Place (colour, shape) objects without overlap (also clear of ``occupied`` boxes).
 
     Each object gets a ``side``, its top-left ``xy`` and its exact pixel ``box``. Sides are drawn
-    from [MIN_SIDE, max_side]; an object that does not fit after many tries is retried smaller, and
+    from [min_side, max_side]; an object that does not fit after many tries is retried smaller, and
     a scene that cannot hold MIN_SIDE objects raises ValueError.
     """
     w, h = size
     placed: list[dict] = []
     for colour, shape in specs:
-        side = rng.randint(MIN_SIDE, max(MIN_SIDE, max_side))
+        side = rng.randint(min(min_side, max_side), max(MIN_SIDE, max_side))
         while True:
             spot = _find_spot(rng, size, side, [*occupied, *(o["box"] for o in placed)])
             if spot is not None:
@@ -179,3 +179,32 @@ def grounding(rng: random.Random, policy: SizePolicy) -> Sample:
 
 def _public(objects: list[dict]) -> list[dict]:
     return [{"colour": o["colour"], "shape": o["shape"], "box": o["box"]} for o in objects]
+
+
+COLOUR_Q = ["What colour is the shape?", "What is the colour of the shape?", "Which colour is the shape?",
+            "What colour is the object?", "Name the colour of the shape."]
+SHAPE_Q = ["What shape is this?", "Which shape is shown?", "What is the shape?", "Name the shape.",
+           "What kind of shape is in the image?"]
+
+
+def basics(rng: random.Random, policy: SizePolicy) -> Sample:
+    """Large, clear items for the start of training: the colour or the kind of one big shape, or a
+    count of one to four big shapes (each side at least a quarter of the image's short side where they fit)."""
+    size = pick_size(rng, policy, aspect=(0.6, 1.6))
+    mode = rng.choice(["colour", "shape", "count"])
+    n = rng.randint(1, 4) if mode == "count" else 1
+    specs = [(rng.choice(sorted(COLOURS)), rng.choice(SHAPES)) for _ in range(n)]
+    side = max(MIN_SIDE, int(min(size) * (0.6 if n == 1 else 0.3)))
+    objects = place(rng, size, specs, side, min_side=max(MIN_SIDE, min(size) // 4))
+    image = render(size, objects, rng.choice(BACKGROUNDS))
+    if mode == "colour":
+        question, pid = phrase(rng, "basics/colour", COLOUR_Q)
+        answer = objects[0]["colour"]
+    elif mode == "shape":
+        question, pid = phrase(rng, "basics/shape", SHAPE_Q)
+        answer = objects[0]["shape"]
+    else:
+        question, pid = phrase(rng, "basics/count", COUNT_Q, things=rng.choice(["shapes", "objects"]))
+        answer = str(len(objects))
+    meta = {"kind": mode, "phrasing": pid, "count": len(objects), "size": list(size), "objects": _public(objects)}
+    return Sample("basics", question, answer, meta, image=image)

@@ -36,6 +36,7 @@ TASKS = {
     "chart": charts.generate,
     "video": video.generate,
     "gui": gui.generate,
+    "basics": shapes.basics,
 }
 DEFAULT_MIX = {"reading": 0.3, "counting": 0.2, "grounding": 0.2, "chart": 0.15, "video": 0.15}
 
@@ -60,7 +61,7 @@ def generate_sample(index: int, seed: int, split: str = "train", tasks=None,
     rng = sample_rng(split, seed, index)
     names = sorted(mix)
     task = rng.choices(names, weights=[mix[t] for t in names])[0]
-    return TASKS[task](rng, size_policy(image_size_policy))
+    return TASKS[task](rng, size_policy(image_size_policy).for_task(task))
 
 
 def to_record(sample: Sample, sample_id: str, media: str | list[str]) -> dict:
@@ -77,12 +78,13 @@ def to_record(sample: Sample, sample_id: str, media: str | list[str]) -> dict:
     }
 
 
-def force_media_size(record: dict, size: tuple[int, int]) -> dict:
-    """A copy of ``record`` whose image and video items ask the processor for ``size`` = (width, height)."""
+def force_media_size(record: dict, size: tuple[int, int], copy: bool = True) -> dict:
+    """A copy of ``record`` (or, with ``copy=False``, the record itself) whose image and video items
+    ask the processor for ``size`` = (width, height)."""
     width, height = (int(v) for v in size)
     if width <= 0 or height <= 0:
         raise ValueError(f"forced size must be positive (width, height), got {size}")
-    out = json.loads(json.dumps(record))
+    out = json.loads(json.dumps(record)) if copy else record
     for message in out["messages"]:
         if isinstance(message["content"], list):
             for item in message["content"]:

@@ -1,0 +1,131 @@
+"""Training data generated on the fly: packed rows of synthetic samples, a pure function of the row index.
+
+A stream is given as a YAML file in place of the JSONL data (``data: mix.yaml``)::
+
+    synthetic:
+      split: train
+      seed: 0
+      tasks: {reading: 0.3, counting: 0.2, grounding: 0.2, chart: 0.1, video: 0.1, gui: 0.1}
+      size_policy: per-task          # a name of qwen2vl.data.synthetic.SIZE_POLICIES
+      video_pixels: [3136, 50176]    # per-frame pixel budget of videos (optional)
+      force_size: [224, 224]         # every image and frame squashed to this size (optional, ablation)
+      phases:                        # optional curriculum: the first 2000 rows use other settings
+        - {rows: 2000, tasks: {basics: 1}}
+
+Row ``g`` holds samples ``g * ROW_STRIDE + j`` (j = 0, 1, ...) of ``(split, seed)``, taken while they fit
+in ``seq_len`` tokens: the first that does not fit ends the row and is never used. So a row depends on
+nothing but ``g``: a resumed run reads exactly the rows an uninterrupted one would, on any number of
+processes, and no data set is written or measured up front. Phases are chosen by ``g`` as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data.synthetic import SIZE_POLICIES, force_media_size, generate_sample, set_video_pixels
+from ..data.synthetic.writer import task_mix, to_record
+from .dataset import DataError
+
+ROW_STRIDE = 256  # sample indices reserved per row (a row never holds that many)
+SETTINGS = ("tasks", "size_policy", "video_pixels", "force_size")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one phase of the stream generates."""
+
+    tasks: dict[str, float]
+    size_policy: str
+    video_pixels: tuple[int, int] | None
+    force_size: tuple[int, int] | None
+
+
+def is_stream_spec(path: str | Path) -> bool:
+    return str(path).endswith((".yaml", ".yml"))
+
+
+def _settings(raw: dict, base: Settings | None, where: str) -> Settings:
+    unknown = sorted(set(raw) - set(SETTINGS) - {"rows"})
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown}; expected some of {list(SETTINGS)}")
+    values = {k: raw.get(k, getattr(base, k) if base else None) for k in SETTINGS}
+    try:
+        values["tasks"] = task_mix(values["tasks"])
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    values["size_policy"] = values["size_policy"] or "varied"
+    if values["size_policy"] not in SIZE_POLICIES:
+        raise DataError(f"{where}: size_policy {values['size_policy']!r} is not one of {sorted(SIZE_POLICIES)}")
+    for key in ("video_pixels", "force_size"):
+        value = values[key]
+        if value is not None:
+            if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+                raise DataError(f"{where}: {key} must be two integers, got {value!r}")
+            values[key] = (int(value[0]), int(value[1]))
+    return Settings(**values)
+
+
+class SyntheticStream:
+    """Rows of encoded samples generated on demand: ``row(g)`` is a pure function of ``g``."""
+
+    def __init__(self, path: str | Path, encode: Callable[[list[dict[str, Any]]], Any], seq_len: int):
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"data stream file not found: {path}")
+        spec = (yaml.safe_load(path.read_text()) or {}).get("synthetic")
+        if not isinstance(spec, dict):
+            raise DataError(f"{path}: a data stream file needs a 'synthetic:' mapping")
+        self.name, self.encode, self.seq_len = path.name, encode, seq_len
+        self.split, self.seed = str(spec.pop("split", "train")), int(spec.pop("seed", 0))
+        phases = spec.pop("phases", None) or []
+        self.settings = _settings(spec, None, path.name)
+        self.phases: list[tuple[int, Settings]] = []  # (first row after the phase, settings)
+        end = 0
+        for k, phase in enumerate(phases):
+            rows = phase.get("rows") if isinstance(phase, dict) else None
+            if not isinstance(rows, int) or rows < 1:
+                raise DataError(f"{path.name}: phase {k + 1} needs rows >= 1, got {phase!r}")
+            end += rows
+            self.phases.append((end, _settings(phase, self.settings, f"{path.name} phase {k + 1}")))
+
+    def settings_at(self, row: int) -> Settings:
+        for end, settings in self.phases:
+            if row < end:
+                return settings
+        return self.settings
+
+    def record(self, index: int, settings: Settings) -> dict:
+        """The message record of sample ``index`` (media as in-memory images)."""
+        sample = generate_sample(index, self.seed, self.split, settings.tasks, settings.size_policy)
+        media = sample.frames if sample.frames is not None else sample.image
+        record = to_record(sample, f"{self.split}-{self.seed}-{index}", media)
+        if settings.video_pixels:
+            set_video_pixels(record, settings.video_pixels)
+        if settings.force_size:
+            record = force_media_size(record, settings.force_size, copy=False)
+        return record
+
+    def row(self, g: int) -> list:
+        """The encoded samples of row ``g``: ``g * ROW_STRIDE + j`` while they fit in ``seq_len`` tokens."""
+        settings, samples, used = self.settings_at(g), [], 0
+        for j in range(ROW_STRIDE):
+            index = g * ROW_STRIDE + j
+            sample = self.encode(self.record(index, settings)["messages"])
+            n = int(sample.input_ids.numel())
+            if n > self.seq_len:
+                raise DataError(f"{self.name}: sample {index} has {n} tokens, more than seq_len {self.seq_len}")
+            if used + n > self.seq_len:
+                return samples
+            samples.append(sample)
+            used += n
+        return samples
+
+    def summary(self) -> str:
+        phases = "".join(f"; rows < {end}: {s.tasks}, {s.size_policy}" for end, s in self.phases)
+        return (f"generated on the fly ({self.split} split, seed {self.seed}): {self.settings.tasks}, "
+                f"size policy {self.settings.size_policy}{phases}")
