@@ -216,3 +216,55 @@ def test_openai_tool_calls():
     as_openai = {"role": "assistant", "content": None, "tool_calls": out}
     as_parsed = {"role": "assistant", "content": None, "tool_calls": [{"function": c} for c in CALLS]}
     assert render_chat([USER, as_openai]).text == render_chat([USER, as_parsed]).text
+
+
+# The tools branch of Qwen2.5's chat template (the hermes format's reference), over the Qwen2-VL
+# default system prompt, for text-only conversations; transformers renders it as the oracle.
+HERMES_JINJA = """{%- if tools %}{{- '<|im_start|>system\\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+{{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}
+{%- for message in messages %}
+{%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+{%- elif message.role == "assistant" %}{{- '<|im_start|>' + message.role }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\\n<tool_call>\\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}
+{%- endfor %}{{- '<|im_end|>\\n' }}
+{%- elif message.role == "tool" %}
+{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}
+{%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+
+PARITY = {
+    "call and result": [USER, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny"}],
+    "system, two calls, two results, reply": [
+        {"role": "system", "content": "Be brief."}, USER,
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}]},
+        {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "rain"},
+        {"role": "assistant", "content": "Sunny; rain."}, {"role": "user", "content": "Thanks"}],
+}
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("name", sorted(PARITY))
+@pytest.mark.parametrize("with_tools", [True, False])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_hermes_matches_the_qwen25_tools_template(name, with_tools, add_generation_prompt):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(EMBEDDED_MODEL / "tokenizer.json"))
+    tools = [WEATHER] if with_tools else None
+    expected = hf.apply_chat_template(PARITY[name], tools=tools, chat_template=HERMES_JINJA, tokenize=False,
+                                      add_generation_prompt=add_generation_prompt)
+    assert render_chat(PARITY[name], add_generation_prompt, tools=tools).text == expected
