@@ -111,6 +111,17 @@ def test_qwen_parallel_calls_and_results():
                          '✿ARGS✿: {"city": "Rome"}\n✿RESULT✿: sunny\n✿RESULT✿: rain\n✿RETURN✿')
 
 
+@pytest.mark.parametrize("fmt", ["hermes", "qwen"])
+@pytest.mark.parametrize("system", [None, "You are terse.", [{"type": "text", "text": "Parts."}]])
+def test_fold_tools_renders_like_tools(fmt, system):
+    from qwen2vl.processing.chat import fold_tools
+
+    conv = ([{"role": "system", "content": system}] if system else []) + [USER, CALL, RESULT]
+    folded = fold_tools(conv, [WEATHER], fmt)
+    assert render_chat(folded, tool_format=fmt).text == render_chat(conv, tools=[WEATHER], tool_format=fmt).text
+    assert conv[0].get("content") == system or conv[0] is USER  # the input is not changed
+
+
 def test_bad_tool_input_is_named():
     with pytest.raises(ValueError, match="tool 0"):
         render_chat([USER], tools=[{"type": "function", "function": {"description": "no name"}}])

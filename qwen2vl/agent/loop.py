@@ -30,10 +30,9 @@ from typing import Protocol
 
 from PIL import Image, ImageDraw
 
-from ..processing.chat import DEFAULT_SYSTEM
+from ..processing.chat import fold_tools
 from .actions import COMPUTER_USE, Action, ActionError, action_from_text
 from .grounding import PALETTE
-from .tools import tools_block
 
 HISTORY_RULE = "current screenshot full size; the previous one at half size; older ones dropped"
 MARK = PALETTE[0]  # the colour actions are drawn in
@@ -77,7 +76,6 @@ def describe(action: Action | None) -> str:
 def build_messages(task: str, history: list[str], current: str, previous: str | None = None,
                    tool_format: str = "hermes", tools: list | None = None) -> list[dict]:
     """The conversation of one step; ``current`` / ``previous`` are image paths (previous already halved)."""
-    system = DEFAULT_SYSTEM + "\n\n" + tools_block(tools or [COMPUTER_USE], tool_format)
     lines = [f"Task: {task}"]
     if history:
         lines += ["Previous actions:"] + [f"{i}. {h}" for i, h in enumerate(history, 1)]
@@ -86,7 +84,7 @@ def build_messages(task: str, history: list[str], current: str, previous: str | 
         content += [{"type": "text", "text": "Previous screenshot (half size): "}, {"type": "image", "image": previous}]
     content += [{"type": "text", "text": "\nCurrent screenshot: "}, {"type": "image", "image": current},
                 {"type": "text", "text": "\nReply with the next action as a computer_use call."}]
-    return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    return fold_tools([{"role": "user", "content": content}], tools or [COMPUTER_USE], tool_format)
 
 
 def draw_action(image: Image.Image, action: Action | None, done: dict) -> Image.Image:

@@ -264,6 +264,24 @@ def _tool_result(writer: _Writer, message: dict, m: int, neighbours: tuple[str |
     return True
 
 
+def fold_tools(conversation: list[dict], tools: list, tool_format: str = "hermes",
+               parallel_tool_calls: bool = False) -> list[dict]:
+    """A copy of ``conversation`` with the tool block in its system message (added if missing).
+
+    ``render_chat(fold_tools(c, tools))`` is ``render_chat(c, tools=tools)``: for code that renders
+    through a processor that takes messages only (the engine, a server).
+    """
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError("a conversation must be a non-empty list of messages")
+    block = "\n\n" + tools_block(tools, tool_format, parallel_tool_calls)
+    first = conversation[0]
+    if isinstance(first, dict) and first.get("role") == "system":
+        content = first.get("content") or ""
+        content = content + block if isinstance(content, str) else [*content, {"type": "text", "text": block}]
+        return [{**first, "content": content}, *conversation[1:]]
+    return [{"role": "system", "content": DEFAULT_SYSTEM + block}, *conversation]
+
+
 def apply_chat_template(conversation: list[dict], add_generation_prompt: bool = True,
                         add_vision_id: bool = False) -> str:
     """The prompt text of ``conversation`` (same as transformers' ``apply_chat_template`` with this template)."""
