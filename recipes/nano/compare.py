@@ -2,10 +2,10 @@
 
     python recipes/nano/compare.py native=runs/nano 224x224=runs/nano-224 --plot docs/nano-loss.png
 
-Each run directory holds ``eval.json`` (from ``qwen2vl eval``) and ``stage{1,2,3}/metrics.jsonl``.
+Each run directory holds ``eval.json`` (from ``qwen2vl eval``) and ``stage{2,3}/metrics.jsonl``.
 The table has one column per run (score in percent, with ANLS / mean IoU where the metric has one)
 and, for two runs, the difference first minus second in points. The plot draws each run's training
-loss (a moving average) and eval loss over the steps of the three stages laid end to end.
+loss (a moving average) and eval loss over the steps of the stages laid end to end.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from train import stage_records  # beside this file
+from train import STAGES, stage_records  # beside this file
 
 
 def load_rows(run: Path) -> dict[str, dict]:
@@ -45,12 +45,12 @@ def table(runs: dict[str, Path]) -> str:
 
 
 def stage_metrics(run: Path) -> tuple[list[tuple[int, dict]], list[int]]:
-    """((global step, record) over the three stages laid end to end, the global steps where stages end)."""
+    """((global step, record) over the stages laid end to end, the global steps where stages end)."""
     out, ends, offset = [], [], 0
-    for stage in (1, 2, 3):
-        for records in stage_records(run, stage):  # a stage continued by --extend has two parts
-            out += [(offset + r["step"], r) for r in records]
-            offset += max((r["step"] for r in records), default=0)
+    for stage in STAGES:
+        records = stage_records(run, stage)
+        out += [(offset + r["step"], r) for r in records]
+        offset += max((r["step"] for r in records), default=0)
         ends.append(offset)
     return out, ends
 
@@ -73,7 +73,7 @@ def plot(runs: dict[str, Path], out: Path, window: int = 10) -> None:
         ax.plot(*zip(*evals), "o--", color=colour, label=f"{name} eval")
     for x in ends[:-1]:  # stage boundaries (of the last run; the runs share their step counts)
         ax.axvline(x, color="grey", lw=0.5)
-    ax.set_xlabel("optimizer step (stages 1, 2, 3 end to end; grey lines: stage boundaries)")
+    ax.set_xlabel("optimizer step (stages end to end; grey lines: stage boundaries)")
     ax.set_ylabel("loss per supervised token")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,22 +1,24 @@
-"""qwen2vl-nano from scratch, end to end: data -> tokenizer -> three training stages -> eval -> export.
+"""qwen2vl-nano from scratch, end to end: eval data -> tokenizer -> training -> eval -> export.
 
-    python recipes/nano/train.py cpu                                  # native resolution -> runs/nano
-    python recipes/nano/train.py cpu --force-size 224 --out runs/nano-224   # the 224x224 ablation arm
+    python recipes/nano/train.py cpu --threads 2                          # native resolution -> runs/nano
+    python recipes/nano/train.py cpu --force-size 224 --out runs/nano-224  # the 224x224 ablation arm
     python recipes/nano/train.py gpu --out runs/nano-gpu
-    python recipes/nano/train.py cpu --out runs/nano-ext --extend runs/nano --extend-steps 600
 
+Training data is generated on the fly (``qwen2vl.train.stream``): each step's rows are a pure function
+of the step, so nothing is written up front and an interrupted run resumes exactly. Only the dev set
+(the training-time eval loss) and the held-out test set are written to disk.
+
+Stages (options from ``stage{2,3}.yaml`` beside this file; the preset sets the stream, batch shape and
+steps): **2** trains everything from a fresh model, its stream opening with a curriculum phase of
+large, clear items (``basics``: one to four big shapes) before the full task mix; this phase is what
+stage 1 is here: the paper's stage 1 (vision and merger trained under a frozen, pretrained LLM) has no
+LLM to align to when the LLM starts from nothing. **3** trains the LLM and merger with vision frozen.
 
 Each step is skipped when its output is already there, and an interrupted stage resumes from its
-last checkpoint, so the same command continues a run. Stage options come from ``stage{1,2,3}.yaml``
-beside this file; the preset (``cpu.yaml``, ``gpu.yaml``) sets data sizes, batch shape and steps.
-``--force-size 224`` squashes every image and video frame to 224x224 in training and evaluation.
-``--extend OLD`` continues a finished run: the new run shares OLD's data, tokenizer and stage 1,
-restarts stage 2 from OLD's stage-2 weights for ``--extend-steps`` more steps (fresh optimizer,
-10-step warm-up, cosine decay over the new steps, seed 11 for a new sample order), then runs
-stage 3, the evaluation and the export as usual.
-Outputs in ``--out``: ``data/``, ``tokenizer/``, ``stage{1,2,3}/`` (metrics.jsonl, loss.png,
-final/), ``qwen2vl-nano/`` (the bf16 export, with a model card: recipe, budget, held-out table),
-``eval.json`` and ``eval.txt`` (the held-out table).
+last checkpoint, so the same command continues a run (across sessions too: see docs/training.md).
+Outputs in ``--out``: ``data/`` (dev, test, the stream specs), ``tokenizer/``, ``stage{2,3}/``
+(metrics.jsonl, loss.png, checkpoints/, final/), ``qwen2vl-nano/`` (the bf16 export, with a model
+card), ``eval.json`` and ``eval.txt`` (the held-out table).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from qwen2vl.data.synthetic import SIZE_POLICIES
 from qwen2vl.train.metrics import read_metrics
 
 RECIPE = Path(__file__).resolve().parent
+STAGES = (2, 3)
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
@@ -45,21 +48,34 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
 
 
 def make_data(out: Path, preset: dict, force_size: str | None, env: dict[str, str]) -> dict[str, Path]:
-    """Train, dev (training-time eval loss) and test (held-out) sets; test is never forced to a size."""
+    """Dev (training-time eval loss) and test (held-out) sets, and one stream spec per stage.
+
+    The test set is never forced to a size (the evaluator does that); the stream of stage k uses seed
+    ``stream.seed + k``, so no two stages train on the same samples.
+    """
     data = preset["data"]
     paths = {}
-    for name, split in (("train", "train"), ("dev", "eval"), ("test", "eval")):
+    for name in ("dev", "test"):
         target = out / "data" / name
         paths[name] = target
         if (target / "manifest.json").is_file():
             continue
         cmd = [sys.executable, "-m", "qwen2vl.data.make_dataset", "--out", str(target),
-               "--n", str(data[name]["n"]), "--seed", str(data[name]["seed"]), "--split", split,
+               "--n", str(data[name]["n"]), "--seed", str(data[name]["seed"]), "--split", "eval",
                "--size-policy", data["size_policy"], "--video-pixels", data["video_pixels"],
                "--tasks", data["tasks"], "--workers", str(data["workers"]), "--quiet"]
-        if force_size and name != "test":  # the evaluator forces the test set itself
+        if force_size and name != "test":
             cmd += ["--force-size", force_size]
         run(cmd, env)
+    for stage in STAGES:
+        spec = dict(preset["stream"]["common"], **preset["stream"].get(stage, {}))
+        spec.update(split="train", seed=preset["stream"]["seed"] + stage, size_policy=data["size_policy"],
+                    video_pixels=[int(v) for v in data["video_pixels"].split(",")])
+        if force_size:
+            side = [int(v) for v in force_size.lower().split("x")]
+            spec["force_size"] = [side[0], side[-1]]
+        paths[stage] = out / "data" / f"stage{stage}.yaml"
+        paths[stage].write_text(yaml.safe_dump({"synthetic": spec}, sort_keys=False))
     return paths
 
 
@@ -75,20 +91,19 @@ def check_token_ids(tokenizer: Path, config: Path) -> None:
 
 
 def train_stage(stage: int, out: Path, preset: dict, data: dict[str, Path], tokenizer: Path,
-                env: dict[str, str], overrides: dict | None = None) -> Path:
+                env: dict[str, str]) -> Path:
     final = out / f"stage{stage}" / "final"
     if (final / "config.json").is_file():
         return final
     # images are capped at the largest area the size policy draws; the export keeps that bound
     max_side = SIZE_POLICIES[preset["data"]["size_policy"]].max_side
-    options = {"data": data["train"] / "data.jsonl", "eval_data": data["dev"] / "data.jsonl",
+    options = {"data": data[stage], "eval_data": data["dev"] / "data.jsonl",
                "output_dir": out / f"stage{stage}", "max_steps": preset["stages"][stage],
                "max_pixels": max_side**2, "progress": "false", **preset["train"]}
-    if stage == 1:
+    if stage == STAGES[0]:
         options.update(model_config=RECIPE / "config.json", tokenizer=tokenizer)
     else:
         options["model"] = out / f"stage{stage - 1}" / "final"
-    options.update(overrides or {})
     cmd = [sys.executable, "-m", "qwen2vl", "train", "--config", str(RECIPE / f"stage{stage}.yaml")]
     for key, value in options.items():
         cmd += [f"--{key}", str(value)]
@@ -110,23 +125,13 @@ def export(final: Path, out: Path) -> Path:
                              dtype=torch.bfloat16)
 
 
-def share_first_stages(old: Path, out: Path) -> None:
-    """Link ``old``'s data, tokenizer and stage 1 into ``out`` (``--extend``): they are skipped there."""
-    for name in ("data", "tokenizer", "stage1"):
-        if not (old / name).exists():
-            raise SystemExit(f"--extend {old}: it has no {name}/; finish that run first")
-        if not (out / name).exists():
-            (out / name).symlink_to((old / name).resolve())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("preset", help="cpu, gpu, or a preset YAML file")
     p.add_argument("--out", default="runs/nano", help="run directory (default runs/nano)")
     p.add_argument("--force-size", help="N or WxH: every image and frame squashed to this size (ablation)")
     p.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice)")
-    p.add_argument("--extend", type=Path, help="a finished run whose stage 2 this run continues")
-    p.add_argument("--extend-steps", type=int, default=600, help="stage-2 steps added by --extend (default 600)")
+    p.add_argument("--stop-after", type=int, choices=STAGES, help="end after this stage (no eval, no export)")
     args = p.parse_args(argv)
     preset_file = Path(args.preset) if args.preset.endswith(".yaml") else RECIPE / f"{args.preset}.yaml"
     preset = yaml.safe_load(preset_file.read_text())
@@ -136,11 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
 
-    overrides = {}
-    if args.extend:
-        share_first_stages(args.extend, out)
-        overrides[2] = {"model": args.extend / "stage2" / "final", "max_steps": args.extend_steps,
-                        "seed": 11, "warmup_steps": 10}
     data = make_data(out, preset, args.force_size, env)
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
@@ -148,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
              "--vocab-size", "1920"], env)
     check_token_ids(tokenizer, RECIPE / "config.json")
     final = None
-    for stage in (1, 2, 3):
-        final = train_stage(stage, out, preset, data, tokenizer, env, overrides.get(stage))
+    for stage in STAGES:
+        final = train_stage(stage, out, preset, data, tokenizer, env)
+        if stage == args.stop_after:
+            return 0
     shipped = export(final, out)
     cmd = [sys.executable, "-m", "qwen2vl", "eval", "--model", str(shipped), "--data", str(data["test"]),
            "--video-pixels", preset["data"]["video_pixels"], "--out", str(out / "eval.json"), "--quiet"]
@@ -163,30 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def stage_parts(out: Path, stage: int) -> list[Path]:
-    """The output directories that trained ``stage`` of run ``out``, in order: more than one when the
-    stage started from the same stage of another run (``--extend``)."""
-    parts, directory = [], out / f"stage{stage}"
-    while directory is not None:
-        parts.insert(0, directory)
-        start = Path(json.loads((directory / "options.json").read_text()).get("model") or "")
-        directory = start.parent if start.name == "final" and start.parent.name == f"stage{stage}" else None
-    return parts
+def stage_records(out: Path, stage: int) -> list[dict]:
+    """The metrics.jsonl records of ``stage`` of run ``out`` (none if it has not started)."""
+    path = out / f"stage{stage}" / "metrics.jsonl"
+    return read_metrics(path) if path.is_file() else []
 
 
-def stage_records(out: Path, stage: int) -> list[list[dict]]:
-    """The metrics.jsonl records of each part of ``stage`` (see :func:`stage_parts`)."""
-    return [read_metrics(part / "metrics.jsonl") for part in stage_parts(out, stage)]
-
-
-def stage_budget(out: Path) -> list[tuple[str, int, float, int]]:
-    """(stage, optimizer steps, seconds in steps, tokens) per stage part, from the metrics records."""
+def stage_budget(out: Path) -> list[tuple[str, int, float, int, int]]:
+    """(stage, optimizer steps, seconds in steps, tokens, samples) per stage, from the metrics records."""
     rows = []
-    for stage in (1, 2, 3):
-        parts = stage_records(out, stage)
-        for i, records in enumerate(parts):
-            name = str(stage) if len(parts) == 1 else f"{stage} (part {i + 1})"
-            rows.append((name, len(records), sum(r["step_s"] for r in records), sum(r["tokens"] for r in records)))
+    for stage in STAGES:
+        records = stage_records(out, stage)
+        rows.append((str(stage), len(records), sum(r["step_s"] for r in records), sum(r["tokens"] for r in records),
+                     sum(r.get("samples", 0) for r in records)))
     return rows
 
 
@@ -198,7 +189,7 @@ def model_card(out: Path, preset: dict, table: str, command: str) -> str:
         "# qwen2vl-nano", "",
         "The Qwen2-VL architecture at small widths, trained from scratch on the synthetic data of",
         "`qwen2vl.data.synthetic` (documents, receipts and signs to read, shapes to count and locate, bar",
-        "charts, short videos) with `qwen2vl train`, in the paper's three stages. A demonstration model: it",
+        "charts, short videos, GUI screens) with `qwen2vl train`. A demonstration model: it",
         "knows only these kinds of questions. Loads unchanged in transformers (`Qwen2VLForConditionalGeneration`).",
         "Read its held-out scores (below) before relying on an answer: a CPU budget leaves it near chance;",
         "docs/resolution-ablation.md in the project has the loss curves and what the budget would need.", "",
@@ -208,18 +199,17 @@ def model_card(out: Path, preset: dict, table: str, command: str) -> str:
         f"- vision: {config['vision_config']['depth']} blocks, width {config['vision_config']['embed_dim']}, "
         "2x2 patch merger", "",
         "## Recipe", "",
-        f"`python recipes/nano/train.py {command}` (data, tokenizer, stages, evaluation, export)"
-        + ("; its stage 2 continues an earlier run's (`--extend`; both parts below)."
-           if any("part" in row[0] for row in budget) else "."), "",
-        f"- data: {preset['data']['train']['n']:,} training samples (seed {preset['data']['train']['seed']}), "
-        f"size policy `{preset['data']['size_policy']}`, task mix `{preset['data']['tasks']}`",
+        f"`python recipes/nano/train.py {command}` (eval data, tokenizer, stages, evaluation, export).", "",
+        f"- training data: generated on the fly, task mix `{preset['stream']['common']['tasks']}`, size policy "
+        f"`{preset['data']['size_policy']}`; stage 2 opens with {preset['stream'][2]['phases'][0]['rows']:,} rows "
+        f"of `{preset['stream'][2]['phases'][0]['tasks']}` (the curriculum)",
         f"- batch: {preset['train']['batch_size']} packed rows of {preset['train']['seq_len']} tokens per step", "",
-        "| stage | trains | steps | time in steps | tokens |", "|---|---|---|---|---|"]
-    trains = {1: "vision + merger", 2: "everything", 3: "LLM + merger"}
-    for stage, steps, seconds, tokens in budget:
-        lines.append(f"| {stage} | {trains[int(stage[0])]} | {steps} | {seconds / 60:.0f} min | {tokens:,} |")
-    total_s, total_tokens = sum(row[2] for row in budget), sum(row[3] for row in budget)
-    lines.append(f"| all | | {sum(row[1] for row in budget)} | {total_s / 60:.0f} min | {total_tokens:,} |")
+        "| stage | trains | steps | samples | time in steps | tokens |", "|---|---|---|---|---|---|"]
+    trains = {2: "everything", 3: "LLM + merger"}
+    for stage, steps, seconds, tokens, samples in budget:
+        lines.append(f"| {stage} | {trains[int(stage)]} | {steps} | {samples:,} | {seconds / 60:.0f} min | {tokens:,} |")
+    lines.append(f"| all | | {sum(r[1] for r in budget)} | {sum(r[4] for r in budget):,} | "
+                 f"{sum(r[2] for r in budget) / 60:.0f} min | {sum(r[3] for r in budget):,} |")
     lines += ["", "## Held-out evaluation", "",
               f"`qwen2vl eval` on {preset['data']['test']['n']} samples of the eval split "
               f"(seed {preset['data']['test']['seed']}, never trained on):", "", "```text", *[line for line in table.rstrip().splitlines() if not line.startswith("wrote ")], "```", ""]
