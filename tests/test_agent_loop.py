@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen2vl.agent.actions import Action
+from qwen2vl.agent.actions import Action, ActionError
 from qwen2vl.agent.tools import format_call
 
 pytest.importorskip("playwright")
@@ -199,6 +199,8 @@ def test_embedded_model_on_miniwob(engine, task, tmp_path):
         env.execute(action, VIEWPORT)
         status = env.status()
         assert status["done"] and status["raw_reward"] == 1 and status["reward"] > 0
+        with pytest.raises(ActionError, match="episode had already ended"):  # no click on the START cover
+            env.execute(action, VIEWPORT)
 
 
 def test_agent_cli_miniwob_json(tmp_path, capsys):

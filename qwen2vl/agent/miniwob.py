@@ -7,7 +7,8 @@ task text is ``core.getUtterance()``; done and reward are the page's ``WOB_DONE_
 ``WOB_REWARD_GLOBAL`` (time-discounted) and ``WOB_RAW_REWARD_GLOBAL`` (1 success, -1 failure).
 The screen is the task's 160 x 210 area (the viewport). An episode counts as a success when the
 raw reward is positive. MiniWoB's own episode limit is 10 s of page time (``core.EPISODE_MAX_TIME``);
-``episode_seconds`` changes it for slow models.
+``episode_seconds`` changes it for slow models. An episode that has ended takes no more actions
+(its page shows a START cover that would begin a new episode).
 
 Success rates come with a 95 % Wilson interval; the random-click baseline runs the same seeds.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .actions import Action
+from .actions import Action, ActionError
 from .loop import run_episode
 
 VIEWPORT = (160, 210)
@@ -91,6 +92,7 @@ class MiniWoB:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"MiniWoB++ task {self.task} did not become ready")
             page.wait_for_timeout(50)
+        self.episode_id = page.evaluate("() => WOB_EPISODE_ID")
         utterance = page.evaluate("() => core.getUtterance()")
         return utterance["utterance"] if isinstance(utterance, dict) else str(utterance)
 
@@ -98,6 +100,10 @@ class MiniWoB:
         return self.browser.screenshot()
 
     def execute(self, action: Action, size: tuple[int, int]) -> dict:
+        """Act only while the episode runs: once it has ended (say, timed out) the page shows its START
+        cover, and a click there would begin a new, unseen episode."""
+        if self.browser.page.evaluate("() => WOB_EPISODE_ID") != self.episode_id:
+            raise ActionError("the episode had already ended (MiniWoB++ time limit); nothing was done")
         return self.browser.execute(action, size)
 
     def status(self) -> dict:
