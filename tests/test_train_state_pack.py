@@ -8,6 +8,7 @@ import pytest
 import torch
 from train_helpers import make_color_data, train_args
 
+from qwen2vl.model.qwen2vl import Qwen2VL
 from qwen2vl.train.cli import main
 from qwen2vl.train.metrics import read_metrics
 
@@ -32,9 +33,16 @@ def test_pack_unpack_resume_continues_the_run(tmp_path):
     assert main(args[:args.index("--max_steps") + 1] + ["3"] + args[args.index("--max_steps") + 2:]) == 0
     shutil.copytree(tmp_path / "tok", run / "tokenizer")
     packed = state.pack(run, tmp_path / "state")
-    assert {p.name for p in packed.iterdir()} == {"state.pt", "tokenizer", "metrics.jsonl", "options.json"}
+    assert {p.name for p in packed.iterdir()} == {"state.pt", "tokenizer", "config.json", "metrics.jsonl",
+                                                 "options.json"}
     moments = torch.load(packed / "state.pt", weights_only=False)["checkpoint"]["optim"]["state"]
     assert {v["exp_avg"].dtype for v in moments.values()} == {torch.bfloat16}
+
+    # its weights as a bf16 checkpoint: those of the step-3 checkpoint, rounded
+    model = Qwen2VL.from_pretrained(state.export(packed, tmp_path / "model"), dtype=torch.float32)
+    weights = torch.load(packed / "state.pt", weights_only=False)["checkpoint"]["model"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights["net." + name].to(torch.bfloat16).float(), rtol=0, atol=0)
 
     again = tmp_path / "again"
     state.unpack(packed, again)

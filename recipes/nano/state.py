@@ -2,13 +2,16 @@
 
     python recipes/nano/state.py pack runs/nano recipes/nano/state      # the latest stage-2 checkpoint
     python recipes/nano/state.py unpack recipes/nano/state runs/nano    # then: train.py cpu --out runs/nano
+    python recipes/nano/state.py export recipes/nano/state runs/state-model   # its weights, to evaluate
 
 ``pack`` writes ``state.pt`` (model weights in float32, Adam's moment estimates in bfloat16, the
-step, the RNG state) plus the run's tokenizer, ``metrics.jsonl`` and ``options.json``: about 40 MB
+step, the RNG state) plus the run's tokenizer, model ``config.json``, ``metrics.jsonl`` and
+``options.json``: about 40 MB
 for the 5M-parameter model, against 60 MB for the checkpoint as written. ``unpack`` turns it back
 into a checkpoint directory ``stage2/checkpoints/step-N`` that ``qwen2vl train --resume`` continues.
 The moments come back rounded to bfloat16 (8 significant bits), so the continued run is not
 bit-identical to an uninterrupted one; everything else (weights, step, schedule, data rows, RNG) is.
+``export`` writes the packed weights as a bf16 checkpoint (what the recipe ships) for ``qwen2vl eval``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def pack(run: Path, dest: Path) -> Path:
     shutil.copytree(run / "tokenizer", tmp_dest / "tokenizer")
     for name in SIDE:
         shutil.copyfile(run / STAGE / name, tmp_dest / name)
+    shutil.copyfile(json.loads((run / STAGE / "options.json").read_text())["model_config"], tmp_dest / "config.json")
     shutil.rmtree(dest, ignore_errors=True)
     tmp_dest.rename(dest)
     return dest
@@ -86,13 +90,27 @@ def unpack(source: Path, run: Path) -> Path:
     return target
 
 
+def export(source: Path, dest: Path) -> Path:
+    from qwen2vl.config import Qwen2VLConfig
+    from qwen2vl.processing.image import MAX_PIXELS, MIN_PIXELS
+    from qwen2vl.train.export import export_checkpoint
+
+    packed = torch.load(source / "state.pt", weights_only=False)
+    weights = {k.removeprefix("net."): v for k, v in packed["checkpoint"]["model"].items()}
+    options = json.loads((source / "options.json").read_text())
+    pixels = (options.get("min_pixels") or MIN_PIXELS, options.get("max_pixels") or MAX_PIXELS)
+    config = Qwen2VLConfig.from_pretrained(source / "config.json")
+    return export_checkpoint(weights, config, dest, source / "tokenizer", pixels, dtype=torch.bfloat16)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["pack", "unpack"])
-    p.add_argument("source", type=Path, help="pack: the run directory; unpack: the packed state")
-    p.add_argument("dest", type=Path, help="pack: the state directory to write; unpack: the run directory")
+    p.add_argument("action", choices=["pack", "unpack", "export"])
+    p.add_argument("source", type=Path, help="pack: the run directory; unpack, export: the packed state")
+    p.add_argument("dest", type=Path, help="pack: the state directory to write; unpack: the run directory; "
+                                           "export: the checkpoint directory to write")
     args = p.parse_args(argv)
-    done = pack(args.source, args.dest) if args.action == "pack" else unpack(args.source, args.dest)
+    done = {"pack": pack, "unpack": unpack, "export": export}[args.action](args.source, args.dest)
     print(f"wrote {done}")
     return 0
 
