@@ -166,21 +166,25 @@ class Processor:
     # ------------------------------------------------------------------------ text
 
     def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
-                            add_vision_id: bool = False) -> str:
-        return render_chat(conversation, add_generation_prompt, add_vision_id).text
+                            add_vision_id: bool = False, **tool_options) -> str:
+        """The prompt text; ``tool_options`` (``tools``, ``tool_format``, ``parallel_tool_calls``) as in render_chat."""
+        return render_chat(conversation, add_generation_prompt, add_vision_id, **tool_options).text
 
     # ---------------------------------------------------------------------- encode
 
     def encode(self, conversation: list[dict], add_generation_prompt: bool = True, return_labels: bool = False,
                add_vision_id: bool = False, max_tokens: int | None = None,
-               allow_remote_media: bool | None = None, access: MediaAccess | None = None) -> Sample:
+               allow_remote_media: bool | None = None, access: MediaAccess | None = None, *,
+               tools: list | None = None, tool_format: str = "hermes", parallel_tool_calls: bool = False) -> Sample:
         """Encode one conversation (unpadded). ``max_tokens`` bounds the whole prompt; a prompt over it
         fails before any pixel is decoded, naming the item that crosses it. ``access`` replaces the
-        processor's media policy for this call; ``allow_remote_media`` overrides its ``allow_remote``."""
+        processor's media policy for this call; ``allow_remote_media`` overrides its ``allow_remote``.
+        ``tools``, ``tool_format`` and ``parallel_tool_calls`` go to :func:`render_chat` (the tool block)."""
         access = access or self.access
         if allow_remote_media is not None:
             access = dataclasses.replace(access, allow_remote=allow_remote_media)
-        rendered = render_chat(conversation, add_generation_prompt, add_vision_id)
+        rendered = render_chat(conversation, add_generation_prompt, add_vision_id, tools=tools,
+                               tool_format=tool_format, parallel_tool_calls=parallel_tool_calls)
         ids, offsets = self.tokenizer.encode_with_offsets(rendered.text)
         access.check_deadline("tokenizing")
         ids_np = np.asarray(ids, dtype=np.int64)
@@ -396,12 +400,13 @@ class Processor:
 
     def __call__(self, conversations, add_generation_prompt: bool = True, return_labels: bool = False,
                  max_tokens: int | None = None, add_vision_id: bool = False,
-                 allow_remote_media: bool | None = None, access: MediaAccess | None = None) -> Batch:
-        """Encode a list of conversations (or one conversation) and collate them."""
+                 allow_remote_media: bool | None = None, access: MediaAccess | None = None,
+                 **tool_options) -> Batch:
+        """Encode a list of conversations (or one conversation) and collate them (``tool_options`` as in encode)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         samples = [self.encode(c, add_generation_prompt, return_labels, add_vision_id, max_tokens,
-                               allow_remote_media, access) for c in conversations]
+                               allow_remote_media, access, **tool_options) for c in conversations]
         return self.collate(samples)
 
 

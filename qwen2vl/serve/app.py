@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..processing import MediaAccess
-from .constraints import json_constraint_factory
+from .constraints import constraint_factory
 from .errors import APIError, error_body
 from .metrics import Metrics
 from .protocol import (
@@ -60,6 +60,7 @@ from .protocol import (
 from .requests import DetokenizeRequest, TokenizeRequest, parse
 from .scheduler import Job, QueueFull, Scheduler, SchedulerDown
 from .security import Guard
+from .tool_calls import ToolDeltas
 
 log = logging.getLogger("qwen2vl.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -90,6 +91,7 @@ class ServeSettings:
     prepare_timeout_s: float = 60.0  # wall-clock limit on preparing one request
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = ()
+    tool_format: str = "hermes"  # how tools are prompted and calls read: hermes or qwen (tool_calls.py)
 
 
 def create_app(engine, settings: ServeSettings | None = None, scheduler: Scheduler | None = None) -> FastAPI:
@@ -105,7 +107,7 @@ def create_app(engine, settings: ServeSettings | None = None, scheduler: Schedul
     policy = MediaPolicy(allow_remote=settings.allow_remote_media, allowed_media_dir=settings.allowed_media_dir,
                          max_items=settings.max_media_items)
     tokenizer = engine.processor.tokenizer
-    constraints = json_constraint_factory(tokenizer)
+    constraints = constraint_factory(tokenizer)
     metrics = Metrics(scheduler)
     # requests with media are prepared on their own pool, so slow downloads never hold up parsing or text
     media_pool = ThreadPoolExecutor(max_workers=settings.prepare_workers, thread_name_prefix="qwen2vl-media")
@@ -210,7 +212,9 @@ def create_app(engine, settings: ServeSettings | None = None, scheduler: Schedul
         else:
             raw = {"messages": [m.model_dump(exclude_none=True) for m in body.messages],
                    "add_generation_prompt": body.add_generation_prompt}
-            chat = await on_pool(parse_chat_request, raw, policy)
+            if body.tools:
+                raw["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
+            chat = await on_pool(parse_chat_request, raw, policy, settings.tool_format)
             batch, _ = await asyncio.wrap_future((media_pool if chat.media_items else pool).submit(
                 prepare, engine, chat, scheduler.max_len, 1, access()))
             ids = batch["input_ids"][0].tolist()
@@ -279,7 +283,7 @@ def create_app(engine, settings: ServeSettings | None = None, scheduler: Schedul
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await generate(request, parse_chat_request, policy)
+        return await generate(request, parse_chat_request, policy, settings.tool_format)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -331,7 +335,7 @@ class Reply:
     def _body(self, results: list) -> dict:
         if self.text:
             return text_completion(self.ident, self.model, results, self.tokenizer, self.chat)
-        return completion(self.ident, self.model, results, self.tokenizer)
+        return completion(self.ident, self.model, results, self.tokenizer, self.chat)
 
     async def collect(self, request: Request) -> JSONResponse:
         """Wait for every choice; if the client disconnects meanwhile, its jobs are cancelled at once
@@ -366,6 +370,9 @@ class Reply:
     async def stream(self):
         """A role chunk per choice, a chunk per text delta, a finish chunk per choice, then ``[DONE]``.
 
+        When the request reads tools, the text deltas go through a tool-call parser per choice
+        (tool_calls.ToolDeltas): content and ``tool_calls`` deltas in OpenAI's shape.
+
         Usage is sent once: with ``stream_options.include_usage`` as a last chunk with empty
         ``choices`` (every other chunk then has ``"usage": null``), as OpenAI does; otherwise not at
         all. Starlette cancels this generator when the client disconnects; ``finally`` frees the rows.
@@ -377,6 +384,7 @@ class Reply:
             return chunk(self.ident, self.model, created, delta, index=index, with_usage=asked, text=text, **kw)
 
         results: list = [None] * len(self.jobs)
+        tools = [ToolDeltas(self.chat.tool_format) for _ in self.jobs] if not text and self.chat.reads_tools else None
         try:
             for index in range(len(self.jobs)):
                 if text:
@@ -393,10 +401,19 @@ class Reply:
                     if self.chat.logprobs is not None and entries is not None:
                         logprobs = text_logprobs(self.tokenizer, entries) if text else \
                             chat_logprobs(self.tokenizer, entries)
-                    yield sse(make({"content": event[1]}, index, logprobs=logprobs))
+                    if tools is None:
+                        yield sse(make({"content": event[1]}, index, logprobs=logprobs))
+                        continue
+                    deltas = tools[index].feed(event[1]) or ([{}] if logprobs is not None else [])
+                    for k, delta in enumerate(deltas):  # the token's logprobs ride on its first chunk
+                        yield sse(make(delta, index, logprobs=logprobs if k == 0 else None))
                 elif event[0] == "done":
-                    results[index] = event[1]
-                    yield sse(make({} if not text else {"content": ""}, index, finish_reason=event[1].finish_reason))
+                    results[index], reason = event[1], event[1].finish_reason
+                    if tools is not None:
+                        deltas, reason = tools[index].finish(reason)
+                        for delta in deltas:
+                            yield sse(make(delta, index))
+                    yield sse(make({} if not text else {"content": ""}, index, finish_reason=reason))
                 else:
                     yield sse(error_body(500, event[1]))
                     break

@@ -40,7 +40,7 @@ from ..cli import UserError
 from ..generation.cli import Parser, add_model_options, load_engine
 from ..processing import MediaAccess
 from .cli import add_serving_options, check_serving_options, served_model_name
-from .constraints import json_constraint_factory
+from .constraints import constraint_factory
 from .errors import APIError
 from .protocol import MediaPolicy, choice_params, completion, completion_id, parse_chat_request, prepare
 from .scheduler import Job, QueueFull, Scheduler, SchedulerDown
@@ -99,14 +99,14 @@ def run(engine, todo: list, path: Path, args, model_name: str, rank: int, world:
     policy = MediaPolicy(allow_remote=args.allow_remote_media, allowed_media_dir=args.allowed_media_dir,
                          local_files=args.allowed_media_dir is None, max_items=args.max_media_items)
     tokenizer = engine.processor.tokenizer
-    constraints = json_constraint_factory(tokenizer)
+    constraints = constraint_factory(tokenizer)
     max_len = Scheduler.serving_max_len(engine, args.max_model_len)
     scheduler = Scheduler(engine, args.max_batch, max_queue=2 * args.max_batch, max_len=max_len)
     finished: queue.Queue = queue.Queue()
     desc = "batch" if world == 1 else f"batch rank {rank}/{world}"
     bar = tqdm(total=len(todo), desc=desc, unit="req", disable=args.quiet, position=rank, file=sys.stderr)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    pending: dict = {}  # key(ident) -> (ident, jobs, results)
+    pending: dict = {}  # key(ident) -> (ident, jobs, results, chat)
 
     def write(record: dict) -> None:
         append_line(fd, record)
@@ -121,7 +121,7 @@ def run(engine, todo: list, path: Path, args, model_name: str, rank: int, world:
                 return
             if key(ident) not in pending:
                 continue  # a choice of a request that already failed
-            _, jobs, results = pending[key(ident)]
+            _, jobs, results, chat = pending[key(ident)]
             if kind != "done":
                 for job in jobs:
                     scheduler.cancel(job)
@@ -132,20 +132,20 @@ def run(engine, todo: list, path: Path, args, model_name: str, rank: int, world:
             results[index] = value
             if all(r is not None for r in results):
                 del pending[key(ident)]
-                write({"id": ident, "response": completion(completion_id(), model_name, results, tokenizer)})
+                write({"id": ident, "response": completion(completion_id(), model_name, results, tokenizer, chat)})
 
     scheduler.start()
     try:
         for ident, body in todo:
             try:
-                chat = parse_chat_request({k: v for k, v in body.items() if k != "id"}, policy)
+                chat = parse_chat_request({k: v for k, v in body.items() if k != "id"}, policy, args.tool_format)
                 batch, params = prepare(engine, chat, scheduler.max_len, args.default_max_tokens, access, constraints)
                 choices = [params] + [choice_params(params, chat, i, constraints) for i in range(1, chat.n)]
             except APIError as err:
                 write({"id": ident, "status": err.status, **err.body()})
                 continue
             jobs = [Job(batch, p, _sink(finished, ident, i)) for i, p in enumerate(choices)]
-            pending[key(ident)] = (ident, jobs, [None] * len(jobs))
+            pending[key(ident)] = (ident, jobs, [None] * len(jobs), chat)
             for job in jobs:
                 while True:
                     try:

@@ -15,12 +15,13 @@ import ipaddress
 import os
 import sys
 
+from ..agent.tools import TOOL_FORMATS
 from ..cli import UserError
 from ..generation.cli import Parser, add_model_options, load_engine
 
 
 def add_serving_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``serve`` and ``batch``: batching, context and media access."""
+    """Options shared by ``serve`` and ``batch``: batching, context, media access and the tool format."""
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument("--max-model-len", type=int,
                         help="cache slots per request: prompt + answer (default: the model's context, at most 8192)")
@@ -37,6 +38,9 @@ def add_serving_options(parser: argparse.ArgumentParser) -> None:
                         help="decoded pixels per source video frame (default 4096*4096)")
     parser.add_argument("--max-video-pixels", type=int,
                         help="decoded pixels of all sampled frames of one video (default 768*1920*1080)")
+    parser.add_argument("--tool-format", choices=TOOL_FORMATS, default="hermes",
+                        help="how requests' tools are prompted and calls read: hermes (<tool_call>, default) or "
+                             "qwen (Qwen-Agent's ✿FUNCTION✿ format, which Qwen2-VL-Instruct was used with)")
 
 
 def check_serving_options(args) -> None:
@@ -92,7 +96,7 @@ def main(argv: list[str]) -> int:
         allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
         allow_private_media_addresses=args.allow_private_media_addresses, prepare_workers=args.prepare_workers,
         prepare_timeout_s=args.prepare_timeout, api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY") or None,
-        allowed_origins=tuple(args.allowed_origins))
+        allowed_origins=tuple(args.allowed_origins), tool_format=args.tool_format)
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"qwen2vl serve: warning: binding to {args.host} without --api-key", file=sys.stderr)
     print(f"qwen2vl serve: {name} on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)

@@ -17,6 +17,7 @@ defaults for every item that does not set them. The field types and ranges are i
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -24,10 +25,12 @@ import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from ..agent.tools import stop_strings
 from ..processing import Batch, MediaAccess, MediaError
 from ..processing.sources import inside_media_dir, url_scheme
 from .errors import APIError, media_error
 from .requests import ChatCompletionRequest, CompletionRequest, parse, unknown_fields
+from .tool_calls import check_tool_choice, check_tool_messages, tool_message
 
 log = logging.getLogger("qwen2vl.serve")
 REQUEST_MEDIA_DEFAULTS = ("min_pixels", "max_pixels", "fps", "max_frames")
@@ -67,25 +70,54 @@ class ChatRequest:
     echo: bool = False
     characters: int = 0  # characters of text in the prompt (the cheap budget check)
     ignored: list[str] = field(default_factory=list)  # unknown top-level fields (logged, then ignored)
+    tools: list[dict] | None = None  # the functions of the request's tools (tool_calls.py)
+    tool_choice: str = "none"  # none | auto | required | function (then tool_name)
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    tool_format: str = "hermes"
+
+    @property
+    def reads_tools(self) -> bool:
+        """The tools are in the prompt and the answer is read for calls."""
+        return self.tool_choice != "none"
+
+    def forced_tools(self) -> tuple[list[dict], list[str], bool] | None:
+        """``(functions, their names in errors, several calls allowed)`` a constrained answer must call;
+        None when not forced. ``required``: any tool, several if ``parallel_tool_calls``; named: one call."""
+        if self.tool_choice == "required":
+            return self.tools, [f"tools[{i}]" for i in range(len(self.tools))], self.parallel_tool_calls
+        if self.tool_choice == "function":
+            i = next(i for i, f in enumerate(self.tools) if f["name"] == self.tool_name)
+            return [self.tools[i]], [f"tools[{i}]"], False
+        return None
+
+    def needs_constraint(self) -> bool:
+        return self.schema is not None or self.forced_tools() is not None
 
 
 # ------------------------------------------------------------------------------------------ parse
 
-def parse_chat_request(body: dict | bytes, policy: MediaPolicy) -> ChatRequest:
-    """Check a chat-completion body (raw JSON bytes or a parsed object); APIError naming the first bad field."""
+def parse_chat_request(body: dict | bytes, policy: MediaPolicy, tool_format: str = "hermes") -> ChatRequest:
+    """Check a chat-completion body (raw JSON bytes or a parsed object); APIError naming the first bad field.
+
+    ``tool_format`` is the server's tool-call format (hermes or qwen, tool_calls.py)."""
     r = parse(ChatCompletionRequest, body)
     request = _common(r, r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens)
-    if r.tools:
-        raise APIError(400, "tools are not supported by this server yet", "unsupported_parameter", "tools")
-    if r.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice needs tools, which this server does not support yet",
-                       "unsupported_parameter", "tool_choice")
+    request.tools, request.tool_choice, request.tool_name = check_tool_choice(r)
+    request.parallel_tool_calls = r.parallel_tool_calls is not False
+    request.tool_format = tool_format
+    if request.forced_tools() is not None and request.schema is not None:
+        raise APIError(400, "response_format cannot be combined with a required or named tool_choice (both "
+                            "constrain the answer)", "invalid_value", "response_format")
+    if request.reads_tools:
+        request.sampling["stop"] += stop_strings(tool_format)
     if r.top_logprobs is not None and not r.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
     request.logprobs = (r.top_logprobs or 0) if r.logprobs else None
     request.add_generation_prompt = r.add_generation_prompt
     defaults = {k: getattr(r, k) for k in REQUEST_MEDIA_DEFAULTS if getattr(r, k) is not None}
     request.conversation = [_message(m, f"messages[{i}]", policy, defaults) for i, m in enumerate(r.messages)]
+    check_tool_messages(request.conversation, tool_format)
     request.characters = sum(len(p["text"]) if isinstance(p, dict) else len(p) for m in request.conversation
                              for p in (m["content"] if isinstance(m["content"], list) else [m["content"]])
                              if isinstance(p, str) or p.get("type") == "text")
@@ -154,7 +186,28 @@ def _message(message, where: str, policy: MediaPolicy, defaults: dict) -> dict:
         content = ""
     if isinstance(content, list):
         content = [_part(part, f"{where}.content[{p}]", policy, defaults) for p, part in enumerate(content)]
-    return {"role": message.role, "content": content}
+    out = {"role": message.role, "content": content}
+    if message.tool_calls:
+        if message.role != "assistant":
+            raise APIError(400, f"{where}.tool_calls: only assistant messages hold tool calls", "invalid_value",
+                           f"{where}.tool_calls")
+        out["tool_calls"] = [_call(c, f"{where}.tool_calls[{k}]") for k, c in enumerate(message.tool_calls)]
+    return out
+
+
+def _call(call, where: str) -> dict:
+    """An earlier tool call with its arguments read (a JSON string in OpenAI's form, or an object)."""
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as err:
+            raise APIError(400, f"{where}.function.arguments is not valid JSON ({err.msg} at character {err.pos})",
+                           "invalid_value", f"{where}.function.arguments") from None
+        if not isinstance(arguments, dict):
+            raise APIError(400, f"{where}.function.arguments must be a JSON object, got {type(arguments).__name__}",
+                           "invalid_value", f"{where}.function.arguments")
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
 def _part(part, where: str, policy: MediaPolicy, defaults: dict) -> dict:
@@ -232,7 +285,8 @@ def prepare(engine, request: ChatRequest, capacity: int, default_max_tokens: int
 
     Without ``max_tokens`` the answer may take up to ``default_max_tokens`` or what is left of the
     ``capacity``-token context after the prompt, whichever is less. ``access`` is the media policy
-    of this request; ``constraint_factory(schema)`` makes the structured-output constraint of a row.
+    of this request; ``constraint_factory(request)`` makes the constraint of a row (its
+    ``response_format`` schema or its forced tool calls, constraints.constraint_factory).
     """
     reserve = request.max_tokens or 1
     if reserve >= capacity:
@@ -243,8 +297,10 @@ def prepare(engine, request: ChatRequest, capacity: int, default_max_tokens: int
         if request.prompt is not None:
             batch = _text_batch(engine.processor.tokenizer, request.prompt, capacity - reserve)
         else:
+            tools = {"tools": request.tools, "tool_format": request.tool_format,
+                     "parallel_tool_calls": request.parallel_tool_calls} if request.reads_tools else {}
             batch = engine.processor([request.conversation], add_generation_prompt=request.add_generation_prompt,
-                                     max_tokens=capacity - reserve, access=access)
+                                     max_tokens=capacity - reserve, access=access, **tools)
     except (MediaError, ValueError) as err:
         raise media_error(err) from None
     prompt = batch["input_ids"].shape[1]
@@ -252,11 +308,12 @@ def prepare(engine, request: ChatRequest, capacity: int, default_max_tokens: int
     overrides = {k: v for k, v in request.sampling.items() if v is not None}
     if request.logprobs is not None:
         overrides["logprobs"] = request.logprobs
-    if request.schema is not None:
+    if request.needs_constraint():
         if constraint_factory is None:
-            raise APIError(400, "response_format needs constrained decoding, which is not available here",
-                           "unsupported_parameter", "response_format")
-        overrides["constraint"] = constraint_factory(request.schema)
+            param = "response_format" if request.schema is not None else "tool_choice"
+            raise APIError(400, f"{param} needs constrained decoding, which is not available here",
+                           "unsupported_parameter", param)
+        overrides["constraint"] = constraint_factory(request)
     try:
         params = engine.sampling_params(max_new_tokens=max_new, **overrides)
     except (TypeError, ValueError) as err:
@@ -269,8 +326,8 @@ def choice_params(params, request: ChatRequest, index: int, constraint_factory=N
     changes = {}
     if params.seed is not None:
         changes["seed"] = params.seed + index
-    if request.schema is not None:
-        changes["constraint"] = constraint_factory(request.schema)
+    if request.needs_constraint():
+        changes["constraint"] = constraint_factory(request)
     return dataclasses.replace(params, **changes) if changes else params
 
 
@@ -327,12 +384,17 @@ def text_logprobs(tokenizer, entries: list[dict] | None, offset: int = 0) -> dic
                              for e in entries], "text_offset": offsets}
 
 
-def completion(ident: str, model: str, result, tokenizer=None) -> dict:
-    """A ``chat.completion`` object for one finished GenerationResult or the list of a request's choices."""
+def completion(ident: str, model: str, result, tokenizer=None, request: ChatRequest | None = None) -> dict:
+    """A ``chat.completion`` object for one finished GenerationResult or the list of a request's choices;
+    when the ``request`` reads tools, each answer's calls become ``tool_calls`` (tool_calls.py)."""
     results = result if isinstance(result, list) else [result]
-    choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                "logprobs": chat_logprobs(tokenizer, getattr(r, "logprobs", None)) if tokenizer else None,
-                "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+    choices = []
+    for i, r in enumerate(results):
+        message, reason = {"role": "assistant", "content": r.text}, r.finish_reason
+        if request is not None and request.reads_tools:
+            message, reason = tool_message(r.text, r.finish_reason, request.tool_format)
+        choices.append({"index": i, "message": message, "finish_reason": reason,
+                        "logprobs": chat_logprobs(tokenizer, getattr(r, "logprobs", None)) if tokenizer else None})
     return {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage(results)}
 

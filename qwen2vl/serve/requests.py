@@ -80,7 +80,7 @@ def either(**members):
 _UNION_WORDS = {"content": "a string or a list of parts", "stop": "a string or a list of strings",
                 "video": "a string or a list of frame sources", "image_url": "an object with a url, or a string",
                 "video_url": "an object with a url, or a string", "prompt": "a string or a list of one string",
-                "tool_choice": "a string or an object"}
+                "tool_choice": "a string or an object", "arguments": "a JSON string or an object"}
 
 
 class MediaURL(_MediaOptions):
@@ -126,10 +126,50 @@ Part = Annotated[Annotated[TextPart, Tag("text")] | Annotated[ImageURLPart, Tag(
 Content = either(str=str, list=Annotated[list[Part], Field(max_length=MAX_PARTS)])
 
 
+MAX_TOOLS = 128  # OpenAI's limit on tools per request
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCall(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: either(str=str, object=dict[str, Any])  # OpenAI sends a JSON string
+
+
+class ToolCall(_Model):
+    """An earlier call in an assistant message of the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Model):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: Content | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None  # assistant
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+
+class FunctionDefinition(_Model):
+    name: Annotated[str, Field(pattern=TOOL_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Model):
@@ -185,8 +225,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: either(str=str, object=dict[str, Any]) | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: either(str=Literal["none", "auto", "required"], object=NamedToolChoice) | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     # request-wide defaults for every media item that does not set its own
@@ -210,6 +250,7 @@ class TokenizeRequest(_Model):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None  # rendered with messages
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -310,6 +351,8 @@ def validation_error(err: ValidationError) -> APIError:
             return APIError(400, f"{param} must not be empty", "invalid_value", param)
         word = "over the limit of" if kind == "too_long" else "under the minimum of"
         return APIError(400, f"{param} has {count} items, {word} {limit}", "invalid_value", param)
+    if kind == "string_pattern_mismatch":
+        return APIError(400, f"{param} must match {ctx.get('pattern')}, got {json_type(value)}", "invalid_value", param)
     if kind in ("string_too_short", "string_too_long"):
         return APIError(400, f"{param} must not be empty" if kind == "string_too_short" else
                         f"{param} is longer than {ctx.get('max_length')} characters", "invalid_value", param)
