@@ -9,6 +9,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from qwen2vl.config import Qwen2VLConfig, TextConfig, preset
 from qwen2vl.distributed import TensorParallelLayout
 from qwen2vl.model import Qwen2VL
 
+REPO = Path(__file__).resolve().parents[1]
 LOGIT_TOL = 1e-5  # of the logit scale: float32 rounding of the row-parallel sums, nothing else
 SPAWN_TIMEOUT_S = 240
 
@@ -68,7 +72,7 @@ def join_group(rank: int, init_method: str) -> None:
 
 
 def parity_worker(rank: int, init_method: str, root: str) -> None:
-    from qwen2vl.distributed import close, init_tensor_parallel, load_tensor_parallel
+    from qwen2vl.distributed import close, init_tensor_parallel, load_tensor_parallel, shared_seed
     from qwen2vl.generation.engine import Engine, read_generation_config
     from qwen2vl.processing import Processor
 
@@ -96,6 +100,11 @@ def parity_worker(rank: int, init_method: str, root: str) -> None:
         assert got == want and all(len(t) == 16 for t in want), (name, fuse, got, want)
         sampled = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=5)
         assert tp.generate(prompts[2], **sampled)[0].token_ids == one.generate(prompts[2], **sampled)[0].token_ids
+    seed = shared_seed(None)  # drawn on rank 0: every rank samples the same unseeded answer
+    sampled = tp.generate(prompts[0], max_new_tokens=16, temperature=1.0, seed=seed)[0].token_ids
+    seen = [None, None]
+    dist.all_gather_object(seen, (seed, sampled))
+    assert seen[0] == seen[1]
     cache_heads = sharded.config.text.num_key_value_heads
     assert cache_heads == 1 and sharded.config.text.head_dim == single.config.text.head_dim
     close()
@@ -114,7 +123,8 @@ def root(tmp_path_factory):
 
 def test_two_ranks_match_one_process(root):
     """Image, video, text and image+video prompts: logits within float32 rounding; 16 greedy tokens and
-    16 seeded sampled tokens identical; plain, fused projections, and a KV head replicated on both ranks."""
+    16 seeded sampled tokens identical; plain, fused projections, and a KV head replicated on both
+    ranks; an unseeded sample is the same on both ranks (the seed comes from rank 0)."""
     spawn(parity_worker, str(root))
 
 
@@ -174,6 +184,47 @@ def test_loading_a_shard_takes_about_half_the_memory(tmp_path, capsys):
         assert r["held_bytes"] < 0.55 * single["held_bytes"]
         assert r["grown_kb"] < 0.6 * single["grown_kb"]
     assert single["grown_kb"] * 1024 > 0.9 * weights  # the single figure is a real load, not noise
+
+
+# --------------------------------------------------------------------------- the command line
+def test_torchrun_generate_prints_one_json_like_one_process(root, capsys):
+    """``torchrun --nproc-per-node 2 -m qwen2vl generate --tensor-parallel 2 --json``: rank 0 alone
+    prints, one JSON object with the fields and tokens of one process."""
+    from qwen2vl.cli import main
+
+    args = ["generate", "--model", str(root / "model"), "--image", str(root / "a.png"), "--prompt", "What is this?",
+            "--max-new-tokens", "16", "--json", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_DISTRIBUTED_DEBUG="DETAIL")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "qwen2vl", *args, "--tensor-parallel", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a hang is cleaned up whole
+    try:
+        stdout, stderr = proc.communicate(timeout=SPAWN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1, stdout
+    sharded = json.loads(lines[0])
+    assert main(args) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert sharded.keys() == single.keys() and sharded["timings"].keys() == single["timings"].keys()
+    for key in ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"):
+        assert sharded[key] == single[key], key
+    assert single["completion_tokens"] == 16
+
+
+def test_tensor_parallel_without_torchrun_or_in_other_verbs_is_refused(root, capsys):
+    from qwen2vl.cli import main
+
+    model = ["--model", str(root / "model"), "--tensor-parallel", "2"]
+    assert main(["generate", *model, "--prompt", "Hi"]) == 2
+    assert "--tensor-parallel 2 needs 2 processes started by torchrun" in capsys.readouterr().err
+    assert main(["chat", *model]) == 2
+    assert "only qwen2vl generate runs tensor-parallel so far" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the rules, no processes needed

@@ -85,6 +85,8 @@ def tensor_parallel_engine(path: str | Path, size: int, dtype=None, device=None,
     from ..processing import Processor
 
     mesh, local = init_tensor_parallel(size, None if device is None else str(device))
+    if dtype is None and local.type == "cpu":
+        dtype = torch.float32  # as Engine.from_pretrained: float32 on the CPU, config.json's on CUDA
     directory = resolve_checkpoint(path)
     model = load_tensor_parallel(directory, mesh, dtype=dtype, device=local)
     return Engine(model, Processor.from_pretrained(directory), read_generation_config(directory), **engine_options)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -30,6 +31,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="prompt tokens prefilled per decode step, so long prompts never stall running "
                              "streams (default 512)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                        help="shard the model over N processes started by torchrun --nproc-per-node N "
+                             "(qwen2vl generate; docs/distributed.md)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +64,10 @@ def media_part(kind: str, path: str, args) -> dict:
     return part
 
 
-def load_engine(args):
-    """Model + processor from --model (or the embedded checkpoint), with a loading indicator."""
+def load_engine(args, tensor_parallel: bool = False):
+    """Model + processor from --model (or the embedded checkpoint), with a loading indicator.
+
+    ``tensor_parallel``: the verb runs under torchrun with --tensor-parallel N (others refuse it)."""
     from ..generation.engine import Engine
 
     path = args.model
@@ -70,7 +76,14 @@ def load_engine(args):
             raise UserError("no --model given and the embedded qwen2vl-nano checkpoint is not installed; "
                             "pass --model DIR")
         path = EMBEDDED_MODEL
+    size = getattr(args, "tensor_parallel", 1)
+    if size != 1 and not tensor_parallel:
+        raise UserError(f"--tensor-parallel {size}: only qwen2vl generate runs tensor-parallel so far")
     try:
+        if size != 1:
+            from ..distributed import tensor_parallel_engine
+            return tensor_parallel_engine(path, size, dtype=args.dtype, device=args.device,
+                                          prefill_chunk=args.prefill_chunk)
         return Engine.from_pretrained(path, dtype=args.dtype, device=args.device, prefill_chunk=args.prefill_chunk)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -92,7 +105,12 @@ def generate_main(argv: list[str]) -> int:
     content.append({"type": "text", "text": args.prompt})
     conversation = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content}]
-    engine = load_engine(args)
+    engine = load_engine(args, tensor_parallel=True)
+    out = sys.stdout
+    if args.tensor_parallel != 1:  # every rank generates the same tokens; rank 0 alone prints
+        from ..distributed import is_main_process, shared_seed
+        args.seed = shared_seed(args.seed)
+        out = out if is_main_process() else io.StringIO()
     try:
         params = engine.sampling_params(**sampling_kwargs(args))
         batch = engine.prepare([conversation], params.max_new_tokens)
@@ -101,17 +119,17 @@ def generate_main(argv: list[str]) -> int:
             if isinstance(event, list):
                 result = event[0]
             elif not args.json:
-                sys.stdout.write(event[1])
-                sys.stdout.flush()
+                out.write(event[1])
+                out.flush()
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                           "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                          "timings": result.timings}))
+                          "timings": result.timings}), file=out)
     else:
-        sys.stdout.write("\n")
-    if args.draw:
+        out.write("\n")
+    if args.draw and out is sys.stdout:
         draw_answer(result.text, args.image, args.draw)
     return 0
 
