@@ -11,7 +11,6 @@ so it costs about one copy of the weights.
 from __future__ import annotations
 
 import copy
-
 import json
 import os
 from pathlib import Path
@@ -127,6 +126,9 @@ def build_from_tensors(cls, config: Qwen2VLConfig, items, dtype, device, what: s
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(config)
+    if config.quantization_config is not None:  # GPTQ / AWQ layers become quantized modules
+        from .quant.model import install_quantized
+        items = install_quantized(model, config, items, dtype, device, normalize_key)
     expected = dict(model.named_parameters())  # tied lm_head is deduplicated away
     loaded, unexpected, mismatched = set(), [], []
     for key, get, source in items:
@@ -174,6 +176,9 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)  # the file records the weights' dtype; the live model's config stays
     config.torch_dtype = dtype_name(model.dtype)
+    if _is_quantized(model):
+        from .quant.model import quantization_config
+        config.extra["quantization_config"] = quantization_config(model)
     config.save(directory)
     state = {name: t.to("cpu").contiguous() for name, t in released_state(model)}
     limit = _parse_size(max_shard_size)
@@ -203,8 +208,19 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB") -> None:
     os.replace(tmp, directory / INDEX_FILE)
 
 
+def _is_quantized(model) -> bool:
+    from .quant.linear import QuantLinear
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
 def released_state(model):
-    """(name, tensor) in the released key layout; fused projections are split back into q/k/v, gate/up."""
+    """(name, tensor) in the released key layout; fused projections are split back into q/k/v, gate/up.
+
+    Quantized layers are written in the GPTQ layout (``qweight``, ``qzeros``, ``scales``, ``g_idx``).
+    """
+    if _is_quantized(model):
+        from .quant.model import quant_state
+        yield from quant_state(model)
     for name, param in model.named_parameters():
         t = param.detach()
         prefix, _, leaf = name.rpartition(".")

@@ -122,6 +122,11 @@ class Qwen2VLConfig:
     torch_dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown top-level keys, written back unchanged
 
+    @property
+    def quantization_config(self) -> dict | None:
+        """config.json's ``quantization_config`` (GPTQ / AWQ), kept in ``extra`` and written back unchanged."""
+        return self.extra.get("quantization_config")
+
     # ----------------------------------------------------------------- reading
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Qwen2VLConfig:

@@ -108,6 +108,15 @@ class Qwen2VL(nn.Module):
             layer.mlp.fuse()
         return self
 
+    def quantize(self, scheme: str = "int4", group_size: int | None = None, sym: bool = True,
+                 lm_head: bool = True, vision: bool = True) -> Qwen2VL:
+        """Weight-only quantization in place: ``"int8"`` (one scale per output row unless ``group_size``)
+        or ``"int4"`` (groups of ``group_size``, default 64, of 32/64/128/256), symmetric or with zero
+        points. Fuses the projections first; quantizes the decoder's linears, ``lm_head`` and the
+        vision tower's linears (``lm_head`` / ``vision`` False keep those in float)."""
+        from ..quant.model import quantize_model
+        return quantize_model(self, scheme, group_size, sym, lm_head, vision)
+
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,

@@ -1,0 +1,162 @@
+"""Weight-only quantized linear layers: drop-in replacements of ``nn.Linear`` (same ``forward(x)``).
+
+* :class:`Int8Linear`: int8 weights with one scale per output row, multiplied by
+  ``torch._weight_int8pack_mm`` on CPU. Checkpoints with per-group int8 scales or zero points other
+  than 128 (some GPTQ-Int8 releases) take a dequantize-then-matmul path: correct, not fast.
+* :class:`Int4Linear`: 4-bit weights with a scale and zero point per group of 32/64/128/256 input
+  columns, packed for and multiplied by ``torch._weight_int4pack_mm_for_cpu``.
+
+Neither has a ``weight`` attribute: the packed values are the ``qweight`` buffer. Both keep an optional act-order input permutation (GPTQ ``desc_act``) and bias. Off the CPU
+(CUDA) they dequantize the weight and call ``F.linear``: correct, without the memory-bandwidth gain.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .weights import QuantWeight, quantize_weight
+
+INT4_GROUPS = (32, 64, 128, 256)
+_BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64
+
+
+class QuantLinear(nn.Module):
+    """Shared forward: ``(..., K) -> (..., N)`` through ``_matmul`` on ``(M, K)`` rows."""
+
+    in_features: int
+    out_features: int
+    bits: int
+
+    def _set_common(self, qw: QuantWeight, dtype: torch.dtype) -> None:
+        self.in_features, self.out_features, self.group_size = qw.in_features, qw.out_features, qw.group_size
+        self.register_buffer("bias", None if qw.bias is None else qw.bias.to(dtype))
+        self.register_buffer("perm", qw.perm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        y = self._matmul(x2)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, act_order={self.perm is not None}")
+
+
+class Int8Linear(QuantLinear):
+    bits = 8
+
+    def __init__(self, qw: QuantWeight, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if qw.bits != 8:
+            raise ValueError(f"Int8Linear needs 8-bit weights, got {qw.bits}-bit")
+        self._set_common(qw, dtype)
+        self.register_buffer("qweight", (qw.q.to(torch.int16) - 128).to(torch.int8))  # (N, K)
+        self.register_buffer("scales", qw.scales.to(dtype).contiguous())  # (N, G)
+        self.register_buffer("offsets", qw.zeros.to(torch.int16) - 128)  # (N, G) zero point - 128
+        # one scale per row and zero point 128: the packed int8 kernel applies
+        self.per_row = qw.scales.shape[1] == 1 and not bool(self.offsets.any())
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_row and x.device.type == "cpu":
+            return torch._weight_int8pack_mm(x, self.qweight, self.scales.view(-1).to(x.dtype))
+        return F.linear(x, self._dequantize(x.dtype))
+
+    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        n, k = self.qweight.shape
+        g = self.group_size
+        w = self.qweight.view(n, k // g, g).to(dtype) - self.offsets.unsqueeze(-1).to(dtype)  # (N, G, g)
+        return (w * self.scales.unsqueeze(-1).to(dtype)).view(n, k)
+
+    def quant_weight(self) -> QuantWeight:
+        q = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+        zeros = self.offsets + 128
+        return QuantWeight(8, self.group_size, q, self.scales.clone(), zeros, self.bias, self.perm)
+
+
+class Int4Linear(QuantLinear):
+    bits = 4
+
+    def __init__(self, qw: QuantWeight, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if qw.bits != 4:
+            raise ValueError(f"Int4Linear needs 4-bit weights, got {qw.bits}-bit")
+        n, k = qw.q.shape
+        if qw.group_size not in INT4_GROUPS or k % qw.group_size:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUPS} and divide in_features; "
+                             f"got group_size {qw.group_size} for in_features {k}")
+        self._set_common(qw, dtype)
+        pad = -n % _BLOCK_N  # rows padded to the kernel's block; outputs sliced back
+        q = F.pad(qw.q.to(torch.int32), (0, 0, 0, pad))
+        scales = F.pad(qw.scales.float(), (0, 0, 0, pad), value=1.0)
+        zeros = F.pad(qw.zeros.float(), (0, 0, 0, pad), value=8.0)
+        # the kernel computes (q - 8) * scale + offset per group, so offset = (8 - zero) * scale
+        offset = (8.0 - zeros) * scales
+        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q, 1))  # (Np, K/2) uint8
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scales.t(), offset.t()], dim=-1).to(dtype).contiguous())  # (G, Np, 2)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            sz = self.scales_and_zeros.to(x.dtype)
+            return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, sz)[:, : self.out_features]
+        return F.linear(x, self.quant_weight().dequantize(x.dtype).to(x.device))
+
+    def quant_weight(self) -> QuantWeight:
+        n = self.out_features
+        q = unpack_int4_cpu(self.qweight)[:n]
+        scales = self.scales_and_zeros[..., 0].t()[:n].contiguous()  # (N, G)
+        offset = self.scales_and_zeros[..., 1].t()[:n].float()
+        zeros = (8.0 - offset / scales.float()).round().to(torch.int16)
+        return QuantWeight(4, self.group_size, q, scales, zeros, self.bias, self.perm)
+
+
+def unpack_int4_cpu(packed: torch.Tensor) -> torch.Tensor:
+    """``(Np, K/2)`` uint8 in the CPU kernel's layout -> ``(Np, K)`` uint8 values.
+
+    The layout (checked once against torch's packer, see :func:`_check_int4_layout`): rows in
+    blocks of 64; within a block, for each input column, 32 bytes whose low nibbles are rows 0-31
+    and high nibbles rows 32-63.
+    """
+    _check_int4_layout()
+    return _unpack(packed.cpu())
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    n, half = packed.shape
+    k = 2 * half
+    b = packed.view(n // _BLOCK_N, k, _BLOCK_N // 2)  # (Np/64, K, 32)
+    q = torch.cat([b & 15, b >> 4], dim=-1)  # (Np/64, K, 64)
+    return q.permute(0, 2, 1).reshape(n, k).contiguous()
+
+
+@functools.cache
+def _check_int4_layout() -> None:
+    probe = torch.randint(0, 16, (2 * _BLOCK_N, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    if not torch.equal(_unpack(torch._convert_weight_to_int4pack_for_cpu(probe, 1)).int(), probe):
+        raise RuntimeError("this torch build packs int4 weights in an unknown layout; int4 weights cannot be "
+                           "read back (saving a quantized checkpoint needs that)")
+
+
+def build_linear(qw: QuantWeight, dtype: torch.dtype) -> QuantLinear:
+    return Int8Linear(qw, dtype) if qw.bits == 8 else Int4Linear(qw, dtype)
+
+
+def quantize_linear(linear: nn.Linear, scheme: str, group_size: int | None = None, sym: bool = True) -> QuantLinear:
+    """``nn.Linear`` -> :class:`Int8Linear` (``"int8"``, per output row by default) or :class:`Int4Linear`
+    (``"int4"``, group 64 by default)."""
+    if scheme not in ("int8", "int4"):
+        raise ValueError(f"unknown quantization scheme {scheme!r}; expected 'int8' or 'int4'")
+    bits = 8 if scheme == "int8" else 4
+    if bits == 4 and group_size is None:
+        group_size = 64
+    qw = quantize_weight(linear.weight, bits, group_size, sym, linear.bias)
+    return build_linear(qw, linear.weight.dtype).to(linear.weight.device)

@@ -1,0 +1,155 @@
+"""Quantize a Qwen2VL in place, load quantized checkpoints, and write them (GPTQ layout).
+
+One on-disk format is written: GPTQ (``quant_method="gptq"``, ``checkpoint_format="gptq"``),
+per-channel int8 as ``bits=8, group_size=-1``. Reading takes GPTQ (v1 and v2 zeros) and AWQ GEMM.
+A layer is quantized on disk when its ``<name>.qweight`` exists; everything else loads as float.
+Quantized models are always fused (q/k/v -> ``qkv_proj``, gate/up -> ``gate_up_proj``), the
+form the decoder runs fastest in; saving splits the fused layers back into the released names.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .formats import from_awq, from_gptq, to_gptq
+from .linear import QuantLinear, build_linear, quantize_linear
+from .weights import QuantWeight, concat
+
+QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
+FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+         "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+def quantize_model(model, scheme: str = "int4", group_size: int | None = None, sym: bool = True,
+                   lm_head: bool = True, vision: bool = True):
+    """Replace the decoder's linear layers (and ``lm_head``, the vision tower's) by quantized ones."""
+    if scheme not in ("int8", "int4"):
+        raise ValueError(f"unknown quantization scheme {scheme!r}; expected 'int8' or 'int4'")
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("the model is already quantized")
+    model.fuse_projections()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if not (name.startswith("model.layers.") or (vision and name.startswith("visual."))
+                or (lm_head and name == "lm_head")):
+            continue
+        try:
+            model.set_submodule(name, quantize_linear(module, scheme, group_size, sym))
+        except ValueError as e:
+            raise ValueError(f"cannot quantize {name} ({module.in_features} -> {module.out_features}): {e}") from None
+    model.config.extra["quantization_config"] = quantization_config(model)
+    return model
+
+
+def quantization_config(model) -> dict:
+    """The GPTQ ``quantization_config`` describing the model's quantized layers (one bits/group for all)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    per_row = all(m.group_size == m.in_features for m in layers.values())
+    kinds = {(m.bits, -1 if per_row else m.group_size) for m in layers.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"quantized layers mix bits/group sizes {sorted(kinds)}; one setting is written per checkpoint")
+    (bits, group_size), = kinds
+    middle = 2 ** (bits - 1)
+    sym = all(bool((m.quant_weight().zeros == middle).all()) for m in layers.values())
+    return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": bits, "group_size": group_size,
+            "sym": sym, "desc_act": any(m.perm is not None for m in layers.values()),
+            "lm_head": "lm_head" in layers}
+
+
+def quant_state(model):
+    """(name, tensor) of the quantized layers in the released key layout (fused layers split)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        qw = module.quant_weight()
+        parent, _, leaf = name.rpartition(".")
+        kind = parent.rpartition(".")[2]
+        if kind in FUSED and leaf == FUSED[kind][0]:
+            sizes = (model.get_submodule(parent).split_sizes if kind == "self_attn"
+                     else [qw.out_features // 2] * 2)
+            pieces = zip(FUSED[kind][1], _split(qw, sizes))
+        else:
+            pieces = [(leaf, qw)]
+        for part, piece in pieces:
+            for key, tensor in to_gptq(piece).items():
+                yield f"{parent}.{part}.{key}", tensor.cpu().contiguous()
+
+
+def _split(qw: QuantWeight, sizes: list[int]) -> list[QuantWeight]:
+    def parts(t):
+        return [None] * len(sizes) if t is None else t.split(sizes)
+    return [QuantWeight(qw.bits, qw.group_size, q, s, z, b, qw.perm)
+            for q, s, z, b in zip(qw.q.split(sizes), qw.scales.split(sizes), qw.zeros.split(sizes), parts(qw.bias))]
+
+
+def install_quantized(model, config, items, dtype: torch.dtype, device: torch.device, normalize_key):
+    """Put the checkpoint's quantized layers into the (meta) ``model``; return the remaining items.
+
+    ``items`` are ``(key, get_tensor, source)``; a layer is quantized when ``<layer>.qweight``
+    is among them. Layers are converted to :class:`QuantWeight`, fused where the model fuses,
+    and built as :class:`Int8Linear` / :class:`Int4Linear`.
+    """
+    qc = config.extra["quantization_config"]
+    method = qc.get("quant_method")
+    bits = qc.get("bits", qc.get("w_bit"))
+    group_size = qc.get("group_size", qc.get("q_group_size", -1))
+    if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
+        raise ValueError(f"AWQ version {qc.get('version')!r} is not supported; only the GEMM packing is")
+    if method not in ("gptq", "awq"):
+        raise ValueError(f"quantization_config.quant_method {method!r} is not supported; expected 'gptq' or 'awq'")
+    if bits not in (4, 8):
+        raise ValueError(f"quantization_config.bits {bits!r} is not supported; expected 4 or 8")
+    v2 = qc.get("checkpoint_format") == "gptq_v2"
+    # The getters only work while the checkpoint's files are open (during the iteration), and
+    # which layers are quantized is known only after the last key: read the tensors now, each
+    # released once it is used (memory stays at about one copy of the files).
+    store = {}
+    for key, get, source in items:
+        store[normalize_key(key)] = (get(), source)
+    items = [(key, (lambda key=key: store.pop(key)[0]), source) for key, (_, source) in store.items()]
+    layers = {key.rpartition(".")[0] for key, _, _ in items if key.endswith(".qweight")}
+    grouped: dict[str, dict] = defaultdict(dict)
+    rest = []
+    for key, get, source in items:
+        layer, _, leaf = key.rpartition(".")
+        if layer in layers and (leaf in QUANT_LEAVES or leaf == "bias"):
+            grouped[layer][leaf] = get
+        else:
+            rest.append((key, get, source))
+    weights = {}
+    for layer, getters in grouped.items():
+        tensors = {leaf: get() for leaf, get in getters.items()}
+        if "bias" in tensors:
+            tensors["bias"] = tensors["bias"].to(dtype)
+        weights[layer] = (from_gptq(tensors, bits, group_size, v2, layer) if method == "gptq"
+                          else from_awq(tensors, bits, group_size, layer))
+    for layer, qw in _fuse(weights).items():
+        module = model.get_submodule(layer.rpartition(".")[0]) if "." in layer else model
+        leaf = layer.rpartition(".")[2]
+        kind = layer.rpartition(".")[0].rpartition(".")[2]
+        if kind in FUSED and leaf == FUSED[kind][0]:
+            for part in FUSED[kind][1]:
+                delattr(module, part)
+        try:
+            setattr(module, leaf, build_linear(qw, dtype).to(device))
+        except ValueError as e:
+            raise ValueError(f"{layer}: {e}") from None
+    return rest
+
+
+def _fuse(weights: dict[str, QuantWeight]) -> dict[str, QuantWeight]:
+    """q/k/v and gate/up QuantWeights of one layer -> one fused entry, where all parts are quantized."""
+    out = dict(weights)
+    for kind, (fused, parts) in FUSED.items():
+        for name in [n for n in weights if n.endswith(f".{kind}.{parts[0]}")]:
+            base = name.rpartition(".")[0]
+            names = [f"{base}.{p}" for p in parts]
+            if all(n in weights for n in names):
+                out[f"{base}.{fused}"] = concat([weights[n] for n in names])
+                for n in names:
+                    del out[n]
+    return out

@@ -1,0 +1,95 @@
+"""Weight-only int8/int4: the kernels against the dequantized weights, Qwen2VL.quantize, save -> load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import tiny_config
+from torch import nn
+
+from qwen2vl import Qwen2VL
+from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.quant.linear import Int4Linear, Int8Linear, QuantLinear, quantize_linear, unpack_int4_cpu
+from qwen2vl.quant.weights import quantize_weight
+
+
+def tiny(tied=False, seed=0):
+    return Qwen2VL.from_config(Qwen2VLConfig.from_dict(tiny_config(tied=tied)), seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme,group,sym,cls", [("int8", None, True, Int8Linear), ("int8", 32, False, Int8Linear),
+                                                  ("int4", 32, True, Int4Linear), ("int4", 64, False, Int4Linear)])
+@pytest.mark.parametrize("out_features", [40, 128])  # 40: not a multiple of the int4 kernel's 64-row block
+def test_linear_equals_its_dequantized_weight(dtype, scheme, group, sym, cls, out_features):
+    linear = nn.Linear(128, out_features, dtype=dtype)
+    module = quantize_linear(linear, scheme, group, sym)
+    assert isinstance(module, cls) and not hasattr(module, "weight")
+    x = torch.randn(2, 3, 128, dtype=dtype)
+    qw = module.quant_weight()
+    ref = F.linear(x.float(), qw.dequantize(), linear.bias.float())
+    y = module(x)
+    assert y.shape == (2, 3, out_features) and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    # and the dequantized weight is the float weight to within half a quantization step (plus, in
+    # bfloat16, the rounding of the stored scale: up to 2**-8 of 2**(bits-1) steps)
+    step = qw.scales.float().repeat_interleave(qw.group_size, dim=1)
+    slack = 0.5 if dtype == torch.float32 else 0.5 + 2 ** (qw.bits - 1) / 256
+    assert bool(((qw.dequantize() - linear.weight.float()).abs() <= step * slack + 1e-6).all())
+
+
+def test_int4_packing_reads_back_and_per_row_int8_uses_the_kernel():
+    w = torch.randn(192, 256)
+    qw = quantize_weight(w, 4, 128, sym=False)
+    module = Int4Linear(qw)
+    assert torch.equal(unpack_int4_cpu(module.qweight)[:192], qw.q)
+    assert torch.equal(module.quant_weight().zeros, qw.zeros)
+    assert Int8Linear(quantize_weight(w, 8)).per_row
+    assert not Int8Linear(quantize_weight(w, 8, 64)).per_row
+
+
+def test_bad_group_sizes_name_the_layer():
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quantize_linear(nn.Linear(96, 32), "int4", group_size=48)
+    with pytest.raises(ValueError, match=r"visual\.blocks\.0\.attn\.qkv \(32 -> 96\)"):
+        tiny().quantize("int4", group_size=64)  # the tiny vision tower is 32 wide
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
+        tiny().quantize("int3")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("scheme,group,sym", [("int8", None, True), ("int4", 32, True), ("int4", 32, False)])
+def test_quantized_checkpoint_round_trip(tmp_path, tied, scheme, group, sym):
+    model = tiny(tied).quantize(scheme, group_size=group, sym=sym)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert "lm_head" in quantized and "model.layers.1.mlp.gate_up_proj" in quantized
+    assert "visual.merger.mlp.2" in quantized
+    ids = torch.randint(0, 240, (2, 9))
+    logits = model(ids)
+    model.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 8 if scheme == "int8" else 4,
+                  "group_size": -1 if group is None else group, "sym": sym, "desc_act": False, "lm_head": True}
+    loaded = Qwen2VL.from_pretrained(tmp_path)
+    assert {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)} == quantized
+    assert torch.equal(loaded(ids), logits)
+    for (name, a), (_, b) in zip(model.named_buffers(), loaded.named_buffers()):
+        assert torch.equal(a, b), name
+    # and writing it again gives the same files' tensors
+    loaded.save_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file
+    first, second = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert "model.layers.0.self_attn.q_proj.qweight" in first and "model.layers.0.self_attn.qkv_proj.qweight" not in first
+
+
+def test_quantize_keeps_float_where_asked():
+    model = tiny().quantize("int8", lm_head=False, vision=False)
+    assert type(model.lm_head) is nn.Linear
+    assert not any(isinstance(m, QuantLinear) for m in model.visual.modules())
+    with pytest.raises(ValueError, match="already quantized"):
+        model.quantize("int8")
