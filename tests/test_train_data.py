@@ -68,6 +68,13 @@ def test_both_record_forms_give_the_same_messages(tmp_path):
     assert got[0] == expected[0] and got[1]["content"][0]["text"] == "A red square."
 
 
+def test_urls_stay_urls_in_any_case(tmp_path):
+    for url in ("HTTP://example.com/a.png", "Https://example.com/a.png", "data:image/png;base64,AAAA"):
+        record = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+                               {"role": "assistant", "content": "x"}]}
+        assert to_messages(record, tmp_path)[0]["content"][0]["image"] == url  # not read as a local path
+
+
 def test_sharegpt_tags_take_items_in_order(tmp_path):
     for name in ("a.png", "b.png"):
         save_image(tmp_path / name, (0, 0, 0))

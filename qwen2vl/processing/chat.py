@@ -77,7 +77,9 @@ def classify_part(part: dict) -> str:
     return "unknown"
 
 
-def _media_source(part: dict, kind: str, where: str):
+def media_source(part: dict, kind: str, where: str):
+    """The source of an image or video part: ``part[kind]``, else ``part[kind + "_url"]`` (a url string or
+    ``{"url": ...}``); a clear error when there is none."""
     source = part.get(kind)
     if source is None:
         url = part.get(f"{kind}_url")
@@ -201,7 +203,7 @@ class _Writer:
         kind = classify_part(part)
         if kind in ("image", "video"):
             self.counts[kind] += 1
-            source = _media_source(part, kind, where)
+            source = media_source(part, kind, where)
             self.media.append(MediaPart(kind, source, part, m, p, self.counts[kind]))
             if self.add_vision_id:
                 self.text(f"{'Picture' if kind == 'image' else 'Video'} {self.counts[kind]}: ")

@@ -30,9 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..processing.chat import classify_part, media_source
+from ..processing.sources import MediaError, url_scheme
+
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "model": "assistant", "bot": "assistant"}
-REMOTE = ("http://", "https://", "data:", "file://")
+REMOTE = ("http", "https", "data", "file")  # URL schemes kept as they are (any case)
 TAG = re.compile(r"<(image|video)>")
 
 
@@ -117,27 +120,25 @@ def _qwen_messages(raw: Any, base: Path) -> list[dict[str, Any]]:
 
 
 def _part(part: Any, base: Path, where: str) -> dict[str, Any]:
+    """A part of a record as the processor takes it, media made absolute; kinds as the chat template
+    tells them apart (:func:`classify_part`)."""
     if isinstance(part, str):
         return {"type": "text", "text": part}
     if not isinstance(part, dict):
         raise RecordError(f"{where}: a part must be an object, got {type(part).__name__}")
-    kind = part.get("type")
-    extra = {k: v for k, v in part.items() if k not in ("type", "image", "image_url", "video", "video_url", "text")}
-    if kind == "image" or (kind is None and ("image" in part or "image_url" in part)) or kind == "image_url":
-        source = part.get("image", part.get("image_url"))
-        if isinstance(source, dict):
-            source = source.get("url")
-        return {"type": "image", "image": resolve_media(source, base, f"{where} image"), **extra}
-    if kind in ("video", "video_url") or (kind is None and ("video" in part or "video_url" in part)):
-        source = part.get("video", part.get("video_url"))
-        if isinstance(source, dict):
-            source = source.get("url")
-        return {"type": "video", "video": resolve_media(source, base, f"{where} video"), **extra}
-    if kind == "text" or (kind is None and "text" in part):
+    kind = classify_part(part)
+    if kind in ("image", "video"):
+        try:
+            source = media_source(part, kind, f"{where} {kind}")
+        except MediaError as err:
+            raise RecordError(str(err)) from None
+        extra = {k: v for k, v in part.items() if k not in ("type", "image", "image_url", "video", "video_url", "text")}
+        return {"type": kind, kind: resolve_media(source, base, f"{where} {kind}"), **extra}
+    if kind == "text":
         if not isinstance(part.get("text"), str):
             raise RecordError(f"{where}: 'text' must be a string")
         return {"type": "text", "text": part["text"]}
-    raise RecordError(f"{where}: unknown part type {kind!r}; expected image, video or text")
+    raise RecordError(f"{where}: unknown part type {part.get('type')!r}; expected image, video or text")
 
 
 def resolve_media(source: Any, base: Path, where: str) -> str | list[str]:
@@ -148,7 +149,7 @@ def resolve_media(source: Any, base: Path, where: str) -> str | list[str]:
         return [resolve_media(item, base, f"{where} frame {i}") for i, item in enumerate(source)]
     if not isinstance(source, str) or not source:
         raise RecordError(f"{where}: expected a path or URL, got {source!r}")
-    if source.startswith(REMOTE):
+    if url_scheme(source) in REMOTE:
         return source
     path = Path(source).expanduser()
     path = path if path.is_absolute() else base / path
