@@ -330,3 +330,53 @@ def test_raw_stream_shape(server):
     later = [d["tool_calls"][0] for d in deltas if d.get("tool_calls")][1:]
     assert later and all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"} for c in later)
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls" and payloads[-1] == "[DONE]"
+
+
+def _replay(tool_format: str, text: str, size: int) -> tuple[dict, str, str]:
+    """Feed ``text`` to ToolDeltas in ``size``-character pieces; ``({index: (id, name, arguments)}, content, reason)``."""
+    from qwen2vl.serve.tool_calls import ToolDeltas
+
+    stream = ToolDeltas(tool_format)
+    deltas = [d for i in range(0, len(text), size) for d in stream.feed(text[i:i + size])]
+    tail, reason = stream.finish("stop")
+    calls, content = {}, ""
+    for delta in deltas + tail:
+        content += delta.get("content", "")
+        for d in delta.get("tool_calls", []):
+            if "id" in d:
+                assert d["index"] not in calls and d["function"]["arguments"] == ""
+                calls[d["index"]] = (d["id"], d["function"]["name"], "")
+            else:
+                ident, name, args = calls[d["index"]]
+                calls[d["index"]] = (ident, name, args + d["function"]["arguments"])
+    return calls, content, reason
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+@pytest.mark.parametrize("tool_format, text, arguments", [
+    # qwen: the stop string cut the text right after the last call's arguments (they end only at finish)
+    ("qwen", 'Checking.\n✿FUNCTION✿: get_weather\n✿ARGS✿: {"city": "Paris", "days": 2}\n'
+             '✿FUNCTION✿: get_time\n✿ARGS✿: {"zone":"UTC"}', ['{"city": "Paris", "days": 2}', '{"zone":"UTC"}']),
+    # hermes: the answer ended after the JSON, before </tool_call> (its closing brace was held back)
+    ("hermes", '<tool_call>\n{"name": "get_time", "arguments": {"zone": {"a": "}"}}}', ['{"zone": {"a": "}"}}']),
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\nDone <', ["{}"]),
+])
+def test_streamed_deltas_end_as_the_whole_answer_parses(tool_format, text, arguments, size):
+    """Whatever the parser releases only at the end (the last call's arguments, held-back text) is sent."""
+    from qwen2vl.agent.tools import parse_tool_output
+
+    calls, content, reason = _replay(tool_format, text, size)
+    parsed = parse_tool_output(text, tool_format)
+    assert [args for _, _, args in calls.values()] == arguments  # the model's own argument text
+    assert [json.loads(args) for _, _, args in calls.values()] == [c["arguments"] for c in parsed.calls]
+    assert [name for _, name, _ in calls.values()] == [c["name"] for c in parsed.calls]
+    assert content == parsed.content and reason == "tool_calls"
+
+
+def test_a_call_found_malformed_after_its_first_delta_keeps_its_index():
+    text = ('<tool_call>\n{"name": "get_time", "arguments": {"zone": oops}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
+    calls, content, reason = _replay("hermes", text, 2)
+    assert sorted(calls) == [0, 1] and calls[1][1:] == ("get_time", '{"zone": "CET"}')
+    assert content == '<tool_call>\n{"name": "get_time", "arguments": {"zone": oops}}\n</tool_call>'
+    assert reason == "stop"  # a malformed call: the text is content, the finish reason not tool_calls

@@ -128,15 +128,16 @@ class ToolCallsConstraint(GrammarConstraint):
         import llguidance
 
         where = where or [f"tools[{i}]" for i in range(len(functions))]
-        for function, name in zip(functions, where):  # a refused schema is named before the grammar is built
-            JSONSchemaConstraint(tokenizer, _arguments_schema(function), f"{name}.function.parameters")
         try:
-            grammar = llguidance.LLMatcher.grammar_from_lark(tool_calls_grammar(functions, tool_format, parallel))
+            super().__init__(tokenizer, llguidance.LLMatcher.grammar_from_lark(
+                tool_calls_grammar(functions, tool_format, parallel)))
+            problem = self.error()
         except (ValueError, TypeError) as err:
-            raise APIError(400, f"the tools' call grammar is not usable: {err}", "invalid_schema", "tools") from None
-        super().__init__(tokenizer, grammar)
-        if self.error():
-            raise APIError(400, f"the tools' call grammar is not usable: {self.error()}", "invalid_schema", "tools")
+            problem = str(err)[:300]
+        if problem:
+            for function, name in zip(functions, where):  # raises naming the function whose schema is refused
+                JSONSchemaConstraint(tokenizer, _arguments_schema(function), f"{name}.function.parameters")
+            raise APIError(400, f"the tools' call grammar is not usable: {problem}", "invalid_schema", "tools")
 
 
 def constraint_factory(tokenizer):
