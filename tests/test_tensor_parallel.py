@@ -24,7 +24,7 @@ from engine_helpers import write_image, write_video
 from processing_helpers import build_model_dir
 from train_helpers import tiny_model_config
 
-from qwen2vl.config import Qwen2VLConfig, TextConfig, preset
+from qwen2vl.config import Qwen2VLConfig, TextConfig, VisionConfig, preset
 from qwen2vl.distributed import TensorParallelLayout
 from qwen2vl.model import Qwen2VL
 
@@ -89,6 +89,9 @@ def parity_worker(rank: int, init_method: str, root: str) -> None:
         processor = Processor.from_pretrained(directory)
         for conversation in prompts:
             batch = processor([conversation], add_generation_prompt=True)
+            if "pixel_values" in batch:
+                features = [m.encode_vision(batch["pixel_values"], batch["image_grid_thw"]) for m in (single, sharded)]
+                assert (features[1] - features[0]).abs().max() <= LOGIT_TOL * features[0].abs().max()
             with torch.no_grad():
                 want, got = single(**batch), sharded(**batch)
             scale = want.abs().max()
@@ -124,7 +127,8 @@ def root(tmp_path_factory):
 def test_two_ranks_match_one_process(root):
     """Image, video, text and image+video prompts: logits within float32 rounding; 16 greedy tokens and
     16 seeded sampled tokens identical; plain, fused projections, and a KV head replicated on both
-    ranks; an unseeded sample is the same on both ranks (the seed comes from rank 0)."""
+    ranks; the ViT sharded too (its features within rounding); an unseeded sample is the same on
+    both ranks (the seed comes from rank 0)."""
     spawn(parity_worker, str(root))
 
 
@@ -228,22 +232,24 @@ def test_tensor_parallel_without_torchrun_or_in_other_verbs_is_refused(root, cap
 
 
 # --------------------------------------------------------------------------- the rules, no processes needed
-def text_config(heads: int, kv: int, hidden: int | None = None, **kw) -> TextConfig:
-    return TextConfig(hidden_size=hidden or 16 * heads, num_attention_heads=heads, num_key_value_heads=kv,
+def text_config(heads: int, kv: int, hidden: int | None = None, vision_heads: int = 16, **kw) -> Qwen2VLConfig:
+    """The released vision tower (16 heads, 5120 MLP columns) under a small decoder."""
+    text = TextConfig(hidden_size=hidden or 16 * heads, num_attention_heads=heads, num_key_value_heads=kv,
                       intermediate_size=kw.pop("intermediate_size", 64), vocab_size=kw.pop("vocab_size", 128), **kw)
+    return Qwen2VLConfig(text=text, vision=VisionConfig(num_heads=vision_heads, embed_dim=80 * vision_heads))
 
 
 @pytest.mark.parametrize("name,worlds", [("qwen2-vl-2b", (1, 2, 4)), ("qwen2-vl-7b", (1, 2, 4)),
                                          ("qwen2-vl-72b", (1, 2, 4, 8))])
 def test_released_models_shard_on(name, worlds):
-    text = preset(name).text
+    config = preset(name)
     for world in (1, 2, 3, 4, 8):
         if world in worlds:
-            layouts = [TensorParallelLayout.for_config(text, r, world) for r in range(world)]
-            assert sum(layout.local_heads for layout in layouts) == text.num_attention_heads
+            layouts = [TensorParallelLayout.for_config(config, r, world) for r in range(world)]
+            assert sum(layout.local_heads for layout in layouts) == config.text.num_attention_heads
         else:
             with pytest.raises(ValueError, match="cannot shard"):
-                TensorParallelLayout.for_config(text, 0, world)
+                TensorParallelLayout.for_config(config, 0, world)
 
 
 def test_heads_and_kv_heads_per_rank():
@@ -257,7 +263,13 @@ def test_heads_and_kv_heads_per_rank():
     assert layouts[1].split("model.layers.0.self_attn.o_proj.weight") == (1, 2 * d, 4 * d)
     assert layouts[3].split("model.layers.0.mlp.down_proj.weight") == (1, 48, 64)
     assert layouts[3].split("lm_head.weight") == (0, 96, 128)
-    assert layouts[0].split("model.norm.weight") is None and layouts[0].split("visual.blocks.0.attn.qkv.weight") is None
+    assert layouts[0].split("model.norm.weight") is None and layouts[0].split("visual.merger.mlp.0.weight") is None
+    # the ViT's 16 heads of 80: rank 1 of 4 holds heads 4-7 of each of q, k and v, and fc1 rows 1280-2560
+    assert layouts[1].split("visual.blocks.5.attn.qkv.weight") == (0, 320, 640)
+    assert layouts[1].shape("visual.blocks.5.attn.qkv.bias", (3840,)) == (960,)
+    assert layouts[1].split("visual.blocks.5.attn.proj.weight") == (1, 320, 640)
+    assert layouts[1].split("visual.blocks.5.mlp.fc1.bias") == (0, 1280, 2560)
+    assert layouts[1].split("visual.blocks.5.mlp.fc2.weight") == (1, 1280, 2560)
     # 8 KV heads on 4 ranks: split
     assert TensorParallelLayout.for_config(text_config(8, 8), 1, 4).split("model.layers.0.self_attn.v_proj.weight") \
         == (0, 2 * d, 4 * d)
@@ -269,6 +281,7 @@ def test_heads_and_kv_heads_per_rank():
     (text_config(12, 6, hidden=192), 4, r"6 KV heads can neither be split among 4 ranks \(6 % 4 != 0\)"),
     (text_config(4, 4, intermediate_size=66), 4, "intermediate_size 66 is not divisible"),
     (text_config(4, 4, vocab_size=130), 4, "vocab_size 130 is not divisible by the tensor-parallel size 4"),
+    (text_config(4, 4, vision_heads=6), 4, "vision num_heads 6 is not divisible"),
 ])
 def test_refused_shapes_name_the_numbers(config, world, message):
     with pytest.raises(ValueError, match=message):

@@ -73,7 +73,7 @@ def load_tensor_parallel(path: str | Path, mesh: DeviceMesh, dtype=None, device=
     """
     directory = resolve_checkpoint(path)
     config = Qwen2VLConfig.from_pretrained(directory)
-    layout = TensorParallelLayout.for_config(config.text, mesh.get_local_rank(), mesh.size())
+    layout = TensorParallelLayout.for_config(config, mesh.get_local_rank(), mesh.size())
     model = load_pretrained(Qwen2VL, directory, dtype=dtype, device=device, progress=progress, shard=layout)
     fuse = torch.device(device or "cpu").type == "cuda" if fuse is None else fuse
     return parallelize(model, layout, mesh, fuse=fuse)

@@ -8,10 +8,12 @@ For ``N`` ranks, rank ``r`` holds (``D`` = head_dim, ``I`` = intermediate_size, 
   query heads attend with), as if the checkpoint had every KV head repeated ``N/K`` times;
 * ``[r*I/N, (r+1)*I/N)`` of the MLP: rows of ``gate_proj`` and ``up_proj``, columns of ``down_proj``;
 * ``[r*V/N, (r+1)*V/N)`` of the vocabulary: rows of ``embed_tokens`` and ``lm_head``;
-* everything else whole: the norms and the vision tower (replicated, see docs/distributed.md).
+* of each ViT block, the same way: its heads (rows of each third of ``attn.qkv``, columns of
+  ``attn.proj``) and ``[r*M/N, (r+1)*M/N)`` of its MLP (rows of ``fc1``, columns of ``fc2``);
+* everything else whole: the norms, the patch embedding and the merger.
 
 Rules (refused with the numbers named otherwise): ``N <= H`` and ``H % N == 0``; ``K % N == 0`` or
-``N % K == 0``; ``I % N == 0``; ``V % N == 0``. Released models: 2B (H=12, K=2) runs on 1, 2 or 4
+``N % K == 0``; ``I % N == 0``; ``V % N == 0``; the ViT's 16 heads and 5120 MLP columns divisible by ``N``. Released models: 2B (H=12, K=2) runs on 1, 2 or 4
 ranks; 7B (H=28, K=4) on 1, 2 or 4; 72B (H=64, K=8) on 1, 2, 4 or 8.
 """
 
@@ -34,6 +36,10 @@ _SPLITS = [
     (re.compile(r"model\.layers\.\d+\.mlp\.(gate|up)_proj\.weight"), "mlp", 0),
     (re.compile(r"model\.layers\.\d+\.mlp\.down_proj\.weight"), "mlp", 1),
     (re.compile(r"(model\.embed_tokens|lm_head)\.weight"), "vocab", 0),
+    (re.compile(r"visual\.blocks\.\d+\.attn\.qkv\.(weight|bias)"), "vision_qkv", 0),
+    (re.compile(r"visual\.blocks\.\d+\.attn\.proj\.weight"), "vision_heads", 1),
+    (re.compile(r"visual\.blocks\.\d+\.mlp\.fc1\.(weight|bias)"), "vision_mlp", 0),
+    (re.compile(r"visual\.blocks\.\d+\.mlp\.fc2\.weight"), "vision_mlp", 1),
 ]
 
 
@@ -48,10 +54,15 @@ class TensorParallelLayout:
     head_dim: int
     intermediate: int
     vocab: int
+    vision_heads: int
+    vision_head_dim: int
+    vision_mlp: int
 
     @classmethod
-    def for_config(cls, text: TextConfig, rank: int, world: int) -> TensorParallelLayout:
+    def for_config(cls, config: Qwen2VLConfig, rank: int, world: int) -> TensorParallelLayout:
+        text, vision = config.text, config.vision
         h, k, n = text.num_attention_heads, text.num_key_value_heads, world
+        vision_mlp = int(vision.embed_dim * vision.mlp_ratio)
         problems = []
         if n < 1 or not 0 <= rank < n:
             raise ValueError(f"rank {rank} of world size {n} is invalid")
@@ -62,12 +73,14 @@ class TensorParallelLayout:
         elif k % n and n % k:
             problems.append(f"{k} KV heads can neither be split among {n} ranks ({k} % {n} != 0) nor "
                             f"replicated evenly on them ({n} % {k} != 0)")
-        for what, size in (("intermediate_size", text.intermediate_size), ("vocab_size", text.vocab_size)):
+        for what, size in (("intermediate_size", text.intermediate_size), ("vocab_size", text.vocab_size),
+                           ("vision num_heads", vision.num_heads), ("vision MLP width", vision_mlp)):
             if size % n:
                 problems.append(f"{what} {size} is not divisible by the tensor-parallel size {n}")
         if problems:
             raise ValueError("cannot shard this model: " + "; ".join(problems))
-        return cls(rank, n, h, k, text.head_dim, text.intermediate_size, text.vocab_size)
+        return cls(rank, n, h, k, text.head_dim, text.intermediate_size, text.vocab_size, vision.num_heads,
+                   vision.head_dim, vision_mlp)
 
     @property
     def local_heads(self) -> int:
@@ -79,20 +92,29 @@ class TensorParallelLayout:
 
     def _range(self, kind: str) -> tuple[int, int]:
         r, n, d = self.rank, self.world, self.head_dim
+        if kind in ("vision_heads", "vision_qkv"):  # qkv: the same rows of each of its q, k and v thirds
+            width = self.vision_heads * self.vision_head_dim // n
+            return r * width, (r + 1) * width
         if kind == "q":
             return r * self.local_heads * d, (r + 1) * self.local_heads * d
         if kind == "kv":
             first = r * self.kv_heads // n if self.kv_heads >= n else r // (n // self.kv_heads)
             return first * d, (first + self.local_kv_heads) * d
-        size = self.intermediate if kind == "mlp" else self.vocab
+        size = {"mlp": self.intermediate, "vocab": self.vocab, "vision_mlp": self.vision_mlp}[kind]
         return r * size // n, (r + 1) * size // n
 
     def split(self, name: str) -> tuple[int, int, int] | None:
-        """``(dim, start, stop)`` of parameter ``name`` held by this rank; None if it is held whole."""
+        """``(dim, start, stop)`` of parameter ``name`` held by this rank; None if it is held whole.
+
+        For a vision ``qkv`` the range is within each third (q, k, v): the rank holds three runs of rows.
+        """
         for pattern, kind, dim in _SPLITS:
             if pattern.fullmatch(name):
                 return (dim, *self._range(kind))
         return None
+
+    def _thirds(self, name: str) -> bool:
+        return name.startswith("visual.") and ".attn.qkv." in name
 
     # the hook of checkpoint.load_pretrained: the local shape, and the read of a safetensors slice
     def shape(self, name: str, full: tuple[int, ...]) -> tuple[int, ...]:
@@ -100,7 +122,8 @@ class TensorParallelLayout:
         if split is None:
             return full
         dim, start, stop = split
-        return full[:dim] + (stop - start,) + full[dim + 1:]
+        rows = 3 * (stop - start) if self._thirds(name) else stop - start
+        return full[:dim] + (rows,) + full[dim + 1:]
 
     def read(self, name: str, part) -> torch.Tensor:
         """This rank's part of ``name`` from a lazy ``safe_open(...).get_slice(key)``, copied out.
@@ -113,6 +136,9 @@ class TensorParallelLayout:
         if split is None:
             return part[:].clone()
         dim, start, stop = split
+        if self._thirds(name):
+            third = part.get_shape()[0] // 3
+            return torch.cat([part[i * third + start:i * third + stop] for i in range(3)])
         return (part[start:stop] if dim == 0 else part[:, start:stop]).clone(memory_format=torch.contiguous_format)
 
     def rank_config(self, config: Qwen2VLConfig) -> Qwen2VLConfig:

@@ -3,9 +3,11 @@
 The slices become DTensors on a 1-D device mesh and ``parallelize_module`` installs PyTorch's
 parallel styles, which convert activations at module boundaries:
 
-* column-parallel (``q/k/v_proj`` or the fused ``qkv_proj``, ``gate/up_proj`` or ``gate_up_proj``):
-  replicated input, this rank's heads / MLP columns out, no communication;
-* row-parallel (``o_proj``, ``down_proj``): sharded input, partial sums all-reduced to a replicated output;
+* column-parallel (``q/k/v_proj`` or the fused ``qkv_proj``, ``gate/up_proj`` or ``gate_up_proj``;
+  the ViT's ``attn.qkv`` and ``mlp.fc1``): replicated input, this rank's heads / MLP columns out,
+  no communication;
+* row-parallel (``o_proj``, ``down_proj``; the ViT's ``attn.proj`` and ``mlp.fc2``, whose biases
+  are replicated): sharded input, partial sums all-reduced to a replicated output;
 * ``embed_tokens``: row-wise over the vocabulary (ids outside the rank's range give zeros, then an all-reduce);
 * ``lm_head``: column-wise over the vocabulary, the logits all-gathered, so every rank holds the same
   full ``(B, V)`` logits and samples the same token.
@@ -37,6 +39,10 @@ def _plan(model: nn.Module) -> dict[str, tuple]:
         plan.update({f"{mlp}.{p}": column for p in gate_up})
         plan[f"{attn}.o_proj"] = row
         plan[f"{mlp}.down_proj"] = row
+    for i in range(len(model.visual.blocks)):
+        block = f"visual.blocks.{i}"
+        plan.update({f"{block}.attn.qkv": column, f"{block}.mlp.fc1": column,
+                     f"{block}.attn.proj": row, f"{block}.mlp.fc2": row})
     return plan
 
 
@@ -48,6 +54,8 @@ def parallelize(model: nn.Module, layout: TensorParallelLayout, mesh: DeviceMesh
         raise ValueError(f"device mesh of {mesh.size()} ranks for a layout of {layout.world}")
     for layer in model.model.layers:
         layer.self_attn.num_heads, layer.self_attn.num_kv_heads = layout.local_heads, layout.local_kv_heads
+    for block in model.visual.blocks:
+        block.attn.num_heads = layout.vision_heads // layout.world
     if fuse:
         model.fuse_projections()
     plan = _plan(model)
