@@ -119,6 +119,19 @@ class Int4Linear(QuantLinear):
         return QuantWeight(4, self.group_size, q, scales, zeros, self.bias, self.perm)
 
 
+class ConcatLinear(nn.Module):
+    """Quantized projections that read the same input, outputs concatenated: the fused q/k/v or
+    gate/up of a GPTQ act-order checkpoint whose parts were permuted differently (one packed matrix
+    cannot hold them)."""
+
+    def __init__(self, parts: list[QuantLinear]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
 def unpack_int4_cpu(packed: torch.Tensor) -> torch.Tensor:
     """``(Np, K/2)`` uint8 in the CPU kernel's layout -> ``(Np, K)`` uint8 values.
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .formats import from_awq, from_gptq, to_gptq
-from .linear import QuantLinear, build_linear, quantize_linear
+from .linear import ConcatLinear, QuantLinear, build_linear, quantize_linear
 from .weights import QuantWeight, concat
 
 QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
@@ -63,11 +63,16 @@ def quantization_config(model) -> dict:
 def quant_state(model):
     """(name, tensor) of the quantized layers in the released key layout (fused layers split)."""
     for name, module in model.named_modules():
-        if not isinstance(module, QuantLinear):
-            continue
-        qw = module.quant_weight()
         parent, _, leaf = name.rpartition(".")
         kind = parent.rpartition(".")[2]
+        if isinstance(module, ConcatLinear):
+            for part, piece in zip(FUSED[kind][1], module.parts):
+                for key, tensor in to_gptq(piece.quant_weight()).items():
+                    yield f"{parent}.{part}.{key}", tensor.cpu().contiguous()
+            continue
+        if not isinstance(module, QuantLinear) or ".parts." in name:
+            continue
+        qw = module.quant_weight()
         if kind in FUSED and leaf == FUSED[kind][0]:
             sizes = (model.get_submodule(parent).split_sizes if kind == "self_attn"
                      else [qw.out_features // 2] * 2)
@@ -135,21 +140,30 @@ def install_quantized(model, config, items, dtype: torch.dtype, device: torch.de
             for part in FUSED[kind][1]:
                 delattr(module, part)
         try:
-            setattr(module, leaf, build_linear(qw, dtype).to(device))
+            built = (ConcatLinear([build_linear(w, dtype) for w in qw]) if isinstance(qw, list)
+                     else build_linear(qw, dtype))
+            setattr(module, leaf, built.to(device))
         except ValueError as e:
             raise ValueError(f"{layer}: {e}") from None
     return rest
 
 
 def _fuse(weights: dict[str, QuantWeight]) -> dict[str, QuantWeight]:
-    """q/k/v and gate/up QuantWeights of one layer -> one fused entry, where all parts are quantized."""
+    """q/k/v and gate/up QuantWeights of one layer -> one fused entry, where all parts are quantized.
+
+    Parts with different act-order permutations stay a list (built as a :class:`ConcatLinear`).
+    """
     out = dict(weights)
     for kind, (fused, parts) in FUSED.items():
         for name in [n for n in weights if n.endswith(f".{kind}.{parts[0]}")]:
             base = name.rpartition(".")[0]
             names = [f"{base}.{p}" for p in parts]
             if all(n in weights for n in names):
-                out[f"{base}.{fused}"] = concat([weights[n] for n in names])
+                group = [weights[n] for n in names]
+                perms = [w.perm for w in group]
+                same = all(p is None for p in perms) or (
+                    all(p is not None for p in perms) and all(torch.equal(p, perms[0]) for p in perms))
+                out[f"{base}.{fused}"] = concat(group) if same else group
                 for n in names:
                     del out[n]
     return out
