@@ -380,3 +380,12 @@ def test_a_call_found_malformed_after_its_first_delta_keeps_its_index():
     assert sorted(calls) == [0, 1] and calls[1][1:] == ("get_time", '{"zone": "CET"}')
     assert content == '<tool_call>\n{"name": "get_time", "arguments": {"zone": oops}}\n</tool_call>'
     assert reason == "stop"  # a malformed call: the text is content, the finish reason not tool_calls
+
+
+@pytest.mark.parametrize("verb", [["serve"], ["batch", "--input", "in.jsonl", "--output", "out.jsonl"]])
+def test_tool_format_option_names_the_choices(verb, capsys):
+    try:
+        code = cli_main([*verb, "--tool-format", "xml"])
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 2 and "--tool-format: invalid choice: 'xml' (choose from 'hermes', 'qwen')" in capsys.readouterr().err
