@@ -61,7 +61,7 @@ def _events(browser):
 
 def _check_step_in_log(step: dict, events: list[dict]) -> None:
     """The DOM events of one executed step are those of its action, at its pixels (CSS px = screenshot px)."""
-    kind = step["action"]["kind"] if step["action"] else None
+    kind = step["action"]["kind"] if step["executed"] else None  # not executed: nothing may happen
     types = [e["type"] for e in events]
     if "pixels" in step:
         ends = {"mousedown": step["pixels"], "wheel": step["pixels"], "click": step.get("pixels2", step["pixels"]),
@@ -83,7 +83,7 @@ def _check_step_in_log(step: dict, events: list[dict]) -> None:
         assert types == ["wheel"] and (events[0]["dy"] < 0) == (step["action"]["direction"] == "up"), events
     elif kind == "drag":
         assert types[0] == "mousedown" and "mouseup" in types, events
-    else:  # wait, answer, terminate, a format error: nothing happens in the page
+    else:  # wait, answer, terminate, a format error, a refused action: nothing happens in the page
         assert events == [], (step, events)
 
 
@@ -149,7 +149,7 @@ def test_every_action_kind_lands_in_the_page(page_url, tmp_path):
               Action("type", text="hi"), Action("key", key="Enter"), Action("double_click", point=(100, 500)),
               Action("scroll", point=(500, 800), direction="up"), Action("drag", point=(100, 800), point2=(900, 800)),
               Action("long_press", point=(50, 800), seconds=0.1), Action("wait", seconds=0.05),
-              Action("answer", text="done")]
+              Action("key", key="NoSuchKey"), Action("answer", text="done")]
     replies = iter([format_call("computer_use", a.call_arguments()) for a in script])
     with _browser(SIZE) as browser:
         env = WebPage(browser, page_url)
@@ -158,6 +158,9 @@ def test_every_action_kind_lands_in_the_page(page_url, tmp_path):
     assert [s["action"]["kind"] for s in episode.steps] == [a.kind for a in script]
     assert episode.stop_reason == "answer" and episode.answer == "done"
     assert episode.steps[0]["pixels"] == [312.5 * 320 / 1000, 208.5 * 240 / 1000]
+    refused = episode.steps[-2]
+    assert not refused["executed"] and "key failed in the page" in refused["error"]
+    assert all(s["executed"] for s in episode.steps if s is not refused)
 
 
 def test_embedded_model_on_a_local_page(engine, page_url, tmp_path):

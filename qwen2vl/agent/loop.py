@@ -15,8 +15,9 @@ History rule: the current screenshot at full size; the one before it at half wid
 The loop stops when the environment reports done, on ``answer`` / ``terminate``, at ``max_steps``
 or once ``max_seconds`` of wall-clock time have passed (checked before each model call). The
 trajectory directory holds ``step_NNN.png`` (the screenshot the model saw), ``step_NNN_action.png``
-(the same with the action drawn: a ring and cross at the click, an arrow for a drag, the typed text
-in a banner) and ``steps.jsonl`` (one line per step: reply, action, pixels, error, reward, timing).
+(the same with the executed action drawn: a ring and cross at the click, a line for a drag, the
+typed text in a banner) and ``steps.jsonl`` (one line per step: reply, action, whether it was
+executed, pixels, error, environment status, model seconds).
 """
 
 from __future__ import annotations
@@ -131,17 +132,19 @@ def run_episode(env: Environment, policy: Policy, task: str, out_dir: str | Path
             model_s = time.perf_counter() - t0
             record = {"step": k, "reply": reply, "model_seconds": round(model_s, 3), "screenshot": shot_path.name,
                       "size": list(shot.size)}
-            action, done = None, {}
+            action, done, executed = None, {}, False
             try:
                 action = action_from_text(reply, tool_format)
                 done = env.execute(action, shot.size)
-            except ActionError as e:
+                executed = True
+            except ActionError as e:  # a format error, or an action the page refused
                 record["error"] = str(e)
             record["action"] = action.to_dict() if action else None
+            record["executed"] = executed
             record.update(done)
-            draw_action(shot, action, done).save(out / f"step_{k:03d}_action.png")
+            draw_action(shot, action if executed else None, done).save(out / f"step_{k:03d}_action.png")
             record["drawn"] = f"step_{k:03d}_action.png"
-            history.append(describe(action))
+            history.append(describe(action) + ("" if executed or action is None else " (failed in the page)"))
             previous = _half(shot, out / f"step_{k:03d}_half.png")
             episode.status = env.status()
             record["status"] = episode.status
