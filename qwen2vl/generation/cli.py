@@ -28,6 +28,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the embedded qwen2vl-nano)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, config.json's on CUDA)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization after loading: int8 per output row, int4 in groups of 64 "
+                             "(docs/quantization.md)")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="prompt tokens prefilled per decode step, so long prompts never stall running "
                              "streams (default 512)")
@@ -79,12 +82,16 @@ def load_engine(args, tensor_parallel: bool = False):
     size = getattr(args, "tensor_parallel", 1)
     if size != 1 and not tensor_parallel:
         raise UserError(f"--tensor-parallel {size}: only qwen2vl generate runs tensor-parallel so far")
+    quantize = getattr(args, "quantize", None)
+    if size != 1 and quantize:
+        raise UserError(f"--quantize {quantize} does not run tensor-parallel yet; drop one of the two options")
     try:
         if size != 1:
             from ..distributed import tensor_parallel_engine
             return tensor_parallel_engine(path, size, dtype=args.dtype, device=args.device,
                                           prefill_chunk=args.prefill_chunk)
-        return Engine.from_pretrained(path, dtype=args.dtype, device=args.device, prefill_chunk=args.prefill_chunk)
+        return Engine.from_pretrained(path, dtype=args.dtype, device=args.device, prefill_chunk=args.prefill_chunk,
+                                      quantize=quantize)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UserError(str(e)) from None
 

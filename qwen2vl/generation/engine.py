@@ -63,13 +63,14 @@ class Engine:
         self._loop: DecodeLoop | None = None
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, progress=None, **kwargs) -> Engine:
+    def from_pretrained(cls, path, dtype=None, device=None, progress=None, quantize=None, **kwargs) -> Engine:
         """The one way to build an engine from a checkpoint (generate, chat, serve, batch and eval).
 
         Device: CUDA when available, else the CPU. Dtype: float32 on the CPU (this CPU path has no
         fast bfloat16 matmul, and float32 answers equal transformers' default), the checkpoint's own
         (config.json ``torch_dtype``) on CUDA; ``dtype`` overrides. On CUDA the q/k/v and gate/up
-        projections are fused (one matmul each).
+        projections are fused (one matmul each). ``quantize`` ("int8" / "int4") quantizes the weights
+        after loading (:meth:`Qwen2VL.quantize`); GPTQ/AWQ checkpoints load quantized as they are.
         """
         from ..checkpoint import resolve_checkpoint
         from ..processing import Processor
@@ -79,6 +80,8 @@ class Engine:
             dtype = torch.float32
         directory = resolve_checkpoint(path)
         model = Qwen2VL.from_pretrained(directory, dtype=dtype, device=device, progress=progress)
+        if quantize is not None:
+            model.quantize(quantize)
         if model.device.type == "cuda":
             model.fuse_projections()
         return cls(model, Processor.from_pretrained(directory), read_generation_config(directory), **kwargs)
