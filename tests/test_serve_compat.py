@@ -187,9 +187,10 @@ def test_metrics_tokenize_detokenize_version_models_and_retry_after(engine, serv
 def test_special_tokens_hidden_by_default_as_vllm(engine):
     """skip_special_tokens defaults to true on the server (every special token hidden, as vLLM); false keeps
     the grounding tokens (the decode core's tests cover what each setting shows)."""
-    from qwen2vl.serve.protocol import MediaPolicy, parse_chat_request, prepare
+    from qwen2vl.processing import MediaAccess
+    from qwen2vl.serve.protocol import parse_chat_request, prepare
 
     for body, expected in (({}, True), ({"skip_special_tokens": False}, False), ({"skip_special_tokens": None}, True)):
-        request = parse_chat_request({"messages": chat("hi"), **body}, MediaPolicy())
+        request = parse_chat_request({"messages": chat("hi"), **body}, MediaAccess())
         _, params = prepare(engine, request, 256, 8)
         assert params.skip_special_tokens is expected

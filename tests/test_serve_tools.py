@@ -263,17 +263,18 @@ def test_batch_with_the_qwen_tool_format(random_engine, tmp_path):
 
 def test_qwen_format_prompt_and_stop_strings(random_engine):
     """qwen: the parallel prompt by default (parallel_tool_calls defaults to true) and its stop strings."""
-    from qwen2vl.serve.protocol import MediaPolicy, parse_chat_request, prepare
+    from qwen2vl.processing import MediaAccess
+    from qwen2vl.serve.protocol import parse_chat_request, prepare
 
     engine, _ = random_engine
-    request = parse_chat_request(ask(tools=BOUNDED), MediaPolicy(), "qwen")
+    request = parse_chat_request(ask(tools=BOUNDED), MediaAccess(), "qwen")
     batch, params = prepare(engine, request, 2048, 8)
     text = engine.processor.tokenizer.decode(batch["input_ids"][0].tolist())
     assert text == engine.processor.apply_chat_template([{"role": "user", "content": QUESTION}], tools=BOUNDED,
                                                         tool_format="qwen", parallel_tool_calls=True)
     assert "✿FUNCTION✿: The name of tool 1" in text
     assert params.stop == ["✿RESULT✿", "✿RETURN✿"]
-    none = parse_chat_request(ask(tools=BOUNDED, tool_choice="none"), MediaPolicy(), "qwen")
+    none = parse_chat_request(ask(tools=BOUNDED, tool_choice="none"), MediaAccess(), "qwen")
     batch, params = prepare(engine, none, 2048, 8)
     assert "✿FUNCTION✿" not in engine.processor.tokenizer.decode(batch["input_ids"][0].tolist()) and not params.stop
 
@@ -308,13 +309,14 @@ def test_bad_tool_requests_are_400_naming_the_field(server, name, body, param, m
 
 
 def test_qwen_tool_message_must_follow_a_call(random_engine):
+    from qwen2vl.processing import MediaAccess
     from qwen2vl.serve.errors import APIError
-    from qwen2vl.serve.protocol import MediaPolicy, parse_chat_request
+    from qwen2vl.serve.protocol import parse_chat_request
 
     body = {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]}
-    assert parse_chat_request(body, MediaPolicy(), "hermes").conversation[1]["role"] == "tool"
+    assert parse_chat_request(body, MediaAccess(), "hermes").conversation[1]["role"] == "tool"
     with pytest.raises(APIError, match="messages\\[1\\] is a tool message that does not follow"):
-        parse_chat_request(body, MediaPolicy(), "qwen")
+        parse_chat_request(body, MediaAccess(), "qwen")
 
 
 def test_raw_stream_shape(server):

@@ -60,7 +60,8 @@ class MediaAccess:
     streaming; ``allowed_domains`` (None: any) restricts the host names of the URL and of every
     redirect; ``allow_private_addresses`` False refuses loopback, link-local, private and other
     non-global addresses, checked on the address actually connected to. ``allowed_media_dir``
-    restricts local files to one directory tree (None: any readable path). ``max_image_pixels``,
+    restricts local files to one directory tree (None: any readable path, or none at all when
+    ``local_files`` is False); ``max_items`` caps the images and videos of one request. ``max_image_pixels``,
     ``max_video_frame_pixels`` and ``max_video_pixels`` (None: the processor's defaults) cap
     decoded pixels per image, per video frame and per video; ``deadline`` (a ``time.monotonic()``
     value) ends the preparation of a request.
@@ -76,6 +77,8 @@ class MediaAccess:
     max_video_frame_pixels: int | None = None
     max_video_pixels: int | None = None
     deadline: float | None = None
+    local_files: bool = True
+    max_items: int = 16
 
     def check_deadline(self, what: str) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -171,6 +174,8 @@ def inside_media_dir(root: str, path: str) -> str | None:
 
 
 def _local_path(path: str, source: str, access: MediaAccess) -> str:
+    if access.allowed_media_dir is None and not access.local_files:
+        raise MediaError(f"local media files are disabled (not reading {describe(source)})", "not_allowed")
     if access.allowed_media_dir is not None:
         path = inside_media_dir(access.allowed_media_dir, path)
         if path is None:

@@ -23,6 +23,7 @@ at once: its queue place or cache rows are freed before the next decode step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -43,7 +44,6 @@ from .errors import APIError, error_body
 from .metrics import Metrics
 from .protocol import (
     ChatRequest,
-    MediaPolicy,
     chat_logprobs,
     check_characters,
     choice_params,
@@ -104,8 +104,6 @@ def create_app(engine, settings: ServeSettings | None = None, scheduler: Schedul
     if scheduler is None:
         max_len = Scheduler.serving_max_len(engine, settings.max_model_len)
         scheduler = Scheduler(engine, settings.max_batch, settings.max_queue, max_len)
-    policy = MediaPolicy(allow_remote=settings.allow_remote_media, allowed_media_dir=settings.allowed_media_dir,
-                         max_items=settings.max_media_items)
     tokenizer = engine.processor.tokenizer
     constraints = constraint_factory(tokenizer)
     metrics = Metrics(scheduler)
@@ -113,13 +111,17 @@ def create_app(engine, settings: ServeSettings | None = None, scheduler: Schedul
     media_pool = ThreadPoolExecutor(max_workers=settings.prepare_workers, thread_name_prefix="qwen2vl-media")
     pool = ThreadPoolExecutor(max_workers=TEXT_WORKERS, thread_name_prefix="qwen2vl-prepare")
 
+    domains = tuple(d.lower() for d in settings.allowed_media_domains) \
+        if settings.allowed_media_domains is not None else None
+    # the one media policy: checked on each request's sources first, then by the processor as it reads
+    policy = MediaAccess(settings.allow_remote_media, settings.allowed_media_dir, settings.remote_timeout_s,
+                         settings.max_remote_bytes, domains, settings.allow_private_media_addresses,
+                         settings.max_image_pixels, settings.max_video_frame_pixels, settings.max_video_pixels,
+                         local_files=False, max_items=settings.max_media_items)
+
     def access() -> MediaAccess:
-        domains = tuple(d.lower() for d in settings.allowed_media_domains) \
-            if settings.allowed_media_domains is not None else None
-        return MediaAccess(settings.allow_remote_media, settings.allowed_media_dir, settings.remote_timeout_s,
-                           settings.max_remote_bytes, domains, settings.allow_private_media_addresses,
-                           settings.max_image_pixels, settings.max_video_frame_pixels, settings.max_video_pixels,
-                           deadline=time.monotonic() + settings.prepare_timeout_s)
+        """The policy of one request being prepared: with its own deadline."""
+        return dataclasses.replace(policy, deadline=time.monotonic() + settings.prepare_timeout_s)
 
     async def on_pool(fn, *args):
         return await asyncio.wrap_future(pool.submit(fn, *args))

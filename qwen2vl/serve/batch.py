@@ -42,7 +42,7 @@ from ..processing import MediaAccess
 from .cli import add_serving_options, check_serving_options, served_model_name
 from .constraints import constraint_factory
 from .errors import APIError
-from .protocol import MediaPolicy, choice_params, completion, completion_id, parse_chat_request, prepare
+from .protocol import choice_params, completion, completion_id, parse_chat_request, prepare
 from .scheduler import Job, QueueFull, Scheduler, SchedulerDown
 
 
@@ -95,9 +95,8 @@ def run(engine, todo: list, path: Path, args, model_name: str, rank: int, world:
 
     access = MediaAccess(args.allow_remote_media, args.allowed_media_dir, args.remote_timeout,
                          int(args.max_remote_mb * (1 << 20)), max_image_pixels=args.max_image_pixels,
-                         max_video_frame_pixels=args.max_video_frame_pixels, max_video_pixels=args.max_video_pixels)
-    policy = MediaPolicy(allow_remote=args.allow_remote_media, allowed_media_dir=args.allowed_media_dir,
-                         local_files=args.allowed_media_dir is None, max_items=args.max_media_items)
+                         max_video_frame_pixels=args.max_video_frame_pixels, max_video_pixels=args.max_video_pixels,
+                         max_items=args.max_media_items)
     tokenizer = engine.processor.tokenizer
     constraints = constraint_factory(tokenizer)
     max_len = Scheduler.serving_max_len(engine, args.max_model_len)
@@ -138,7 +137,7 @@ def run(engine, todo: list, path: Path, args, model_name: str, rank: int, world:
     try:
         for ident, body in todo:
             try:
-                chat = parse_chat_request({k: v for k, v in body.items() if k != "id"}, policy, args.tool_format)
+                chat = parse_chat_request({k: v for k, v in body.items() if k != "id"}, access, args.tool_format)
                 batch, params = prepare(engine, chat, scheduler.max_len, args.default_max_tokens, access, constraints)
                 choices = [params] + [choice_params(params, chat, i, constraints) for i in range(1, chat.n)]
             except APIError as err:

@@ -37,21 +37,6 @@ REQUEST_MEDIA_DEFAULTS = ("min_pixels", "max_pixels", "fps", "max_frames")
 
 
 @dataclass
-class MediaPolicy:
-    """Which media sources a request may name (checked before any work is done).
-
-    ``local_files``: any local path may be read (offline batch). Otherwise local paths are readable
-    only under ``allowed_media_dir`` (relative paths are taken relative to it), and not at all
-    without one. ``allow_remote``: http(s) URLs may be fetched.
-    """
-
-    allow_remote: bool = False
-    allowed_media_dir: str | None = None
-    local_files: bool = False
-    max_items: int = 16
-
-
-@dataclass
 class ChatRequest:
     """A checked request: a conversation (chat) or a raw ``prompt`` (text completions)."""
 
@@ -97,7 +82,7 @@ class ChatRequest:
 
 # ------------------------------------------------------------------------------------------ parse
 
-def parse_chat_request(body: dict | bytes, policy: MediaPolicy, tool_format: str = "hermes") -> ChatRequest:
+def parse_chat_request(body: dict | bytes, policy: MediaAccess, tool_format: str = "hermes") -> ChatRequest:
     """Check a chat-completion body (raw JSON bytes or a parsed object); APIError naming the first bad field.
 
     ``tool_format`` is the server's tool-call format (hermes or qwen, tool_calls.py)."""
@@ -178,7 +163,7 @@ def _schema(response_format) -> dict | None:
     return spec.schema_
 
 
-def _message(message, where: str, policy: MediaPolicy, defaults: dict) -> dict:
+def _message(message, where: str, policy: MediaAccess, defaults: dict) -> dict:
     content = message.content
     if content is None:
         if message.role != "assistant":
@@ -210,7 +195,7 @@ def _call(call, where: str) -> dict:
     return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
-def _part(part, where: str, policy: MediaPolicy, defaults: dict) -> dict:
+def _part(part, where: str, policy: MediaAccess, defaults: dict) -> dict:
     if part.type == "text":
         return {"type": "text", "text": part.text}
     media = "image" if part.type in ("image", "image_url") else "video"
@@ -230,7 +215,7 @@ def _part(part, where: str, policy: MediaPolicy, defaults: dict) -> dict:
     return {"type": media, media: source, **options}
 
 
-def check_source(source: str, where: str, policy: MediaPolicy) -> None:
+def check_source(source: str, where: str, policy: MediaAccess) -> None:
     """403 for sources the policy forbids, 400 for malformed ones; the processor checks the rest."""
     if not source:
         raise APIError(400, f"{where} is empty", "invalid_value", where)
@@ -248,7 +233,7 @@ def check_source(source: str, where: str, policy: MediaPolicy) -> None:
     if scheme not in (None, "file"):
         raise APIError(400, f"{where}: unsupported URL scheme {scheme!r}; use data:, http(s): or a file path",
                        "invalid_value", where)
-    if policy.local_files:
+    if policy.allowed_media_dir is None and policy.local_files:
         return
     if policy.allowed_media_dir is None:
         raise APIError(403, f"{where}: local files are disabled on this server (start it with "
