@@ -108,6 +108,7 @@ def parity_worker(rank: int, init_method: str, root: str) -> None:
     seen = [None, None]
     dist.all_gather_object(seen, (seed, sampled))
     assert seen[0] == seen[1]
+    assert sharded.lm_head.weight is sharded.model.embed_tokens.weight
     cache_heads = sharded.config.text.num_key_value_heads
     assert cache_heads == 1 and sharded.config.text.head_dim == single.config.text.head_dim
     close()
@@ -117,7 +118,8 @@ def parity_worker(rank: int, init_method: str, root: str) -> None:
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     build_tp_checkpoint(root / "model")
-    build_tp_checkpoint(root / "model_kv1", num_key_value_heads=1)  # 1 KV head: replicated on both ranks
+    # 1 KV head, copied to both ranks; lm_head tied to the embedding (as in the 2B)
+    build_tp_checkpoint(root / "model_kv1", num_key_value_heads=1, tie_word_embeddings=True)
     (root / "model" / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     write_image(root / "a.png", (90, 70), seed=1)
     write_video(root / "clip.mp4")
@@ -127,7 +129,7 @@ def root(tmp_path_factory):
 def test_two_ranks_match_one_process(root):
     """Image, video, text and image+video prompts: logits within float32 rounding; 16 greedy tokens and
     16 seeded sampled tokens identical; plain, fused projections, and a KV head replicated on both
-    ranks; the ViT sharded too (its features within rounding); an unseeded sample is the same on
+    ranks with a tied lm_head; the ViT sharded too (its features within rounding); an unseeded sample is the same on
     both ranks (the seed comes from rank 0)."""
     spawn(parity_worker, str(root))
 

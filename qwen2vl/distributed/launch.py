@@ -48,7 +48,10 @@ def init_tensor_parallel(size: int, device: str | None = None) -> tuple[DeviceMe
 
 
 def close() -> None:
+    """Leave the process group once every rank is done (destroying it under a peer's running
+    collective can abort the process)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
