@@ -93,3 +93,12 @@ def test_quantize_keeps_float_where_asked():
     assert not any(isinstance(m, QuantLinear) for m in model.visual.modules())
     with pytest.raises(ValueError, match="already quantized"):
         model.quantize("int8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_linear_compiles_fullgraph(scheme):
+    module = quantize_linear(nn.Linear(256, 192, dtype=torch.bfloat16), scheme)
+    x = torch.randn(1, 3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(module, fullgraph=True)(x), module(x))

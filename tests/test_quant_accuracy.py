@@ -58,3 +58,13 @@ def test_int8_tokens_equal_float_and_kl_is_bounded(engines, name):
           f"int4 KL mean {kl['int4'].mean():.2e} max {kl['int4'].max():.2e}")
     assert kl["int8"].mean() < 1e-4 and kl["int8"].max() < 1e-3
     assert kl["int4"].mean() < 5e-2
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_decode_core_batched_equals_one_at_a_time(engines, scheme):
+    """The engine's one decode loop runs quantized weights unchanged: two rows together == each alone."""
+    conversations = [[{"role": "user", "content": PROMPTS[name]}] for name in ("receipt", "text")]
+    engine = engines[scheme]
+    together = engine.generate(conversations, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = [engine.generate([c], max_new_tokens=12, temperature=0.0, ignore_eos=True)[0] for c in conversations]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
