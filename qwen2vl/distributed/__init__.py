@@ -1,7 +1,8 @@
 """Tensor-parallel inference over torch.distributed (DTensor) under torchrun; docs/distributed.md.
 
 ``layout`` (which slice each rank holds, the head-count rules), ``parallel`` (slices -> DTensors and
-PyTorch's parallel styles), ``launch`` (process group, sharded loading, the engine).
+PyTorch's parallel styles), ``launch`` (process group, sharded loading); ``Engine.from_pretrained(...,
+tensor_parallel=N)`` builds an engine over this rank's shard.
 """
 
 from .launch import (
@@ -10,10 +11,9 @@ from .launch import (
                      is_main_process,
                      load_tensor_parallel,
                      shared_seed,
-                     tensor_parallel_engine,
 )
 from .layout import TensorParallelLayout
 from .parallel import parallelize
 
 __all__ = ["TensorParallelLayout", "close", "init_tensor_parallel", "is_main_process", "load_tensor_parallel",
-           "parallelize", "shared_seed", "tensor_parallel_engine"]
+           "parallelize", "shared_seed"]

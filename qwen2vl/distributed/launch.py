@@ -80,16 +80,3 @@ def load_tensor_parallel(path: str | Path, mesh: DeviceMesh, dtype=None, device=
     model = load_pretrained(Qwen2VL, directory, dtype=dtype, device=device, progress=progress, shard=layout)
     fuse = torch.device(device or "cpu").type == "cuda" if fuse is None else fuse
     return parallelize(model, layout, mesh, fuse=fuse)
-
-
-def tensor_parallel_engine(path: str | Path, size: int, dtype=None, device=None, **engine_options):
-    """An :class:`Engine` over this rank's shard; every rank must make the same calls on it."""
-    from ..generation.engine import Engine, read_generation_config
-    from ..processing import Processor
-
-    mesh, local = init_tensor_parallel(size, None if device is None else str(device))
-    if dtype is None and local.type == "cpu":
-        dtype = torch.float32  # as Engine.from_pretrained: float32 on the CPU, config.json's on CUDA
-    directory = resolve_checkpoint(path)
-    model = load_tensor_parallel(directory, mesh, dtype=dtype, device=local)
-    return Engine(model, Processor.from_pretrained(directory), read_generation_config(directory), **engine_options)

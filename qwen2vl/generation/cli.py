@@ -86,12 +86,8 @@ def load_engine(args, tensor_parallel: bool = False):
     if size != 1 and quantize:
         raise UserError(f"--quantize {quantize} does not run tensor-parallel yet; drop one of the two options")
     try:
-        if size != 1:
-            from ..distributed import tensor_parallel_engine
-            return tensor_parallel_engine(path, size, dtype=args.dtype, device=args.device,
-                                          prefill_chunk=args.prefill_chunk)
         return Engine.from_pretrained(path, dtype=args.dtype, device=args.device, prefill_chunk=args.prefill_chunk,
-                                      quantize=quantize)
+                                      quantize=quantize, tensor_parallel=size)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UserError(str(e)) from None
 

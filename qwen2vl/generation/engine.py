@@ -63,7 +63,8 @@ class Engine:
         self._loop: DecodeLoop | None = None
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, progress=None, quantize=None, **kwargs) -> Engine:
+    def from_pretrained(cls, path, dtype=None, device=None, progress=None, quantize=None, tensor_parallel: int = 1,
+                        **kwargs) -> Engine:
         """The one way to build an engine from a checkpoint (generate, chat, serve, batch and eval).
 
         Device: CUDA when available, else the CPU. Dtype: float32 on the CPU (this CPU path has no
@@ -71,19 +72,31 @@ class Engine:
         (config.json ``torch_dtype``) on CUDA; ``dtype`` overrides. On CUDA the q/k/v and gate/up
         projections are fused (one matmul each). ``quantize`` ("int8" / "int4") quantizes the weights
         after loading (:meth:`Qwen2VL.quantize`); GPTQ/AWQ checkpoints load quantized as they are.
+        ``tensor_parallel`` N > 1 (under torchrun, N processes): each rank loads its shard only
+        (docs/distributed.md; the device is the rank's own) and every rank must make the same calls.
         """
         from ..checkpoint import resolve_checkpoint
         from ..processing import Processor
 
+        mesh = None
+        if tensor_parallel != 1:
+            if quantize is not None:
+                raise ValueError(f"quantize={quantize!r} does not run tensor-parallel yet")
+            from ..distributed import init_tensor_parallel
+            mesh, device = init_tensor_parallel(tensor_parallel, None if device is None else str(device))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None and device.type == "cpu":
             dtype = torch.float32
         directory = resolve_checkpoint(path)
-        model = Qwen2VL.from_pretrained(directory, dtype=dtype, device=device, progress=progress)
-        if quantize is not None:
-            model.quantize(quantize)
-        if model.device.type == "cuda":
-            model.fuse_projections()
+        if mesh is not None:
+            from ..distributed import load_tensor_parallel
+            model = load_tensor_parallel(directory, mesh, dtype=dtype, device=device)  # fused on CUDA
+        else:
+            model = Qwen2VL.from_pretrained(directory, dtype=dtype, device=device, progress=progress)
+            if quantize is not None:
+                model.quantize(quantize)
+            if model.device.type == "cuda":
+                model.fuse_projections()
         return cls(model, Processor.from_pretrained(directory), read_generation_config(directory), **kwargs)
 
     @property
