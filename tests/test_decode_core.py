@@ -77,8 +77,9 @@ class SlowEngine(Engine):
         return loop
 
 
-def test_server_stream_delivers_each_delta_before_the_next_steps(base):
-    slow = SlowEngine(base.model, base.processor, base.generation_config)
+@pytest.mark.parametrize("static", PATHS)
+def test_server_stream_delivers_each_delta_before_the_next_steps(base, static):
+    slow = SlowEngine(base.model, base.processor, base.generation_config, static=static)
     scheduler = Scheduler(slow, max_batch=2)
     body = {"messages": user("Tell a story."), "max_tokens": 16, "stream": True, "ignore_eos": True}
     with ServerThread(create_app(slow, ServeSettings(model_name="tiny"), scheduler)) as server:
