@@ -38,6 +38,7 @@ from qwen2vl.train.metrics import read_metrics
 
 RECIPE = Path(__file__).resolve().parent
 STAGES = (2, 3)
+EVAL_NEW_TOKENS = 256  # a GUI answer is ~80 tokens of this tokenizer per action, up to three actions
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     shipped = export(final, out)
     cmd = [sys.executable, "-m", "qwen2vl", "eval", "--model", str(shipped), "--data", str(data["test"]),
-           "--video-pixels", preset["data"]["video_pixels"], "--out", str(out / "eval.json"), "--quiet"]
+           "--video-pixels", preset["data"]["video_pixels"], "--max-new-tokens", str(EVAL_NEW_TOKENS),
+           "--out", str(out / "eval.json"), "--quiet"]
     if args.force_size:
         cmd += ["--force-size", args.force_size]
     print("+ " + " ".join(cmd), flush=True)
