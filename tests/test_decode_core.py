@@ -65,8 +65,8 @@ class SlowEngine(Engine):
 
     pause = 0.05
 
-    def new_loop(self, rows, capacity):
-        loop = super().new_loop(rows, capacity)
+    def new_loop(self, rows, capacity, chunk_size=None):
+        loop = super().new_loop(rows, capacity, chunk_size)
         step = loop.step
 
         def slow_step():

@@ -223,6 +223,61 @@ def test_torchrun_generate_prints_one_json_like_one_process(root, capsys):
     assert single["completion_tokens"] == 16
 
 
+def test_torchrun_serve_answers_the_openai_client_like_one_process(root):
+    """``torchrun --nproc-per-node 2 -m qwen2vl serve --tensor-parallel 2``: rank 0 serves, rank 1 follows;
+    greedy and seeded answers (text, image, two at once) equal those of one process's engine."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import openai
+
+    from qwen2vl.generation.engine import Engine
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qwen2vl",
+           "serve", "--model", str(root / "model"), "--device", "cpu", "--port", str(port), "--tensor-parallel", "2",
+           "--allowed-media-dir", str(root), "--max-batch", "4"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the tensor-parallel server did not come up"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        asks = [(user("Describe a day."), {}), (user(str(root / "a.png"), "What is it?"), {}),
+                (user("Tell a story."), {"temperature": 1.0, "seed": 3})]
+
+        def ask(item):
+            conversation, options = item
+            return client.chat.completions.create(model="model", messages=conversation, max_tokens=12,
+                                                  **options).choices[0].message.content
+        with ThreadPoolExecutor(3) as pool:  # together: the follower steps several rows at once too
+            answers = list(pool.map(ask, asks))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # uvicorn stops on rank 0, which then stops rank 1
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    engine = Engine.from_pretrained(root / "model")
+    for (conversation, options), answer in zip(asks, answers):
+        assert answer == engine.generate([conversation], max_new_tokens=12, skip_special_tokens=True,
+                                         **options)[0].text
+
+
 def test_tensor_parallel_without_torchrun_or_in_other_verbs_is_refused(root, capsys):
     from qwen2vl.cli import main
 
@@ -230,7 +285,7 @@ def test_tensor_parallel_without_torchrun_or_in_other_verbs_is_refused(root, cap
     assert main(["generate", *model, "--prompt", "Hi"]) == 2
     assert "--tensor-parallel 2 needs 2 processes started by torchrun" in capsys.readouterr().err
     assert main(["chat", *model]) == 2
-    assert "only qwen2vl generate runs tensor-parallel so far" in capsys.readouterr().err
+    assert "only qwen2vl generate and serve run tensor-parallel so far" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the rules, no processes needed

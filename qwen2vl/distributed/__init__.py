@@ -5,6 +5,7 @@ PyTorch's parallel styles), ``launch`` (process group, sharded loading); ``Engin
 tensor_parallel=N)`` builds an engine over this rank's shard.
 """
 
+from .follow import Leader, follow
 from .launch import (
                      close,
                      init_tensor_parallel,
@@ -15,5 +16,5 @@ from .launch import (
 from .layout import TensorParallelLayout
 from .parallel import parallelize
 
-__all__ = ["TensorParallelLayout", "close", "init_tensor_parallel", "is_main_process", "load_tensor_parallel",
+__all__ = ["Leader", "TensorParallelLayout", "close", "follow", "init_tensor_parallel", "is_main_process", "load_tensor_parallel",
            "parallelize", "shared_seed"]

@@ -81,7 +81,7 @@ def load_engine(args, tensor_parallel: bool = False):
         path = EMBEDDED_MODEL
     size = getattr(args, "tensor_parallel", 1)
     if size != 1 and not tensor_parallel:
-        raise UserError(f"--tensor-parallel {size}: only qwen2vl generate runs tensor-parallel so far")
+        raise UserError(f"--tensor-parallel {size}: only qwen2vl generate and serve run tensor-parallel so far")
     quantize = getattr(args, "quantize", None)
     if size != 1 and quantize:
         raise UserError(f"--quantize {quantize} does not run tensor-parallel yet; drop one of the two options")

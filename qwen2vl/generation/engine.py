@@ -226,8 +226,10 @@ class Engine:
                 loop.release(row)  # a consumer that stops early frees its rows
         yield [s.result() for s in seqs]
 
-    def new_loop(self, rows: int, capacity: int) -> DecodeLoop:
-        return DecodeLoop(self.model, rows, capacity, self.prefill_chunk, fixed=self.static, compile=self.compile)
+    def new_loop(self, rows: int, capacity: int, chunk_size: int | None = None) -> DecodeLoop:
+        """A decode loop over this engine's model (``chunk_size``: prompt tokens per step, default the engine's)."""
+        return DecodeLoop(self.model, rows, capacity, chunk_size or self.prefill_chunk, fixed=self.static,
+                          compile=self.compile)
 
     def engine_loop(self, rows: int, tokens: int) -> DecodeLoop:
         """The engine's own loop, if idle and big enough for ``rows`` x ``tokens``; else a new one

@@ -80,6 +80,8 @@ class DecodeLoop:
         self.prefilling: deque[int] = deque()  # rows whose prompt is not complete, oldest first
         self.counters = {"decode_steps": 0, "prefill_chunks": 0}
         self._index: tuple[tuple[int, ...], torch.Tensor] | None = None  # decoding rows, on the device
+        # tensor parallel: every rank takes rank 0's sampled tokens (tokens -> tokens, a broadcast)
+        self.agree: Callable[[torch.Tensor], torch.Tensor] | None = None
         cuda = model.device.type == "cuda"
         self._host = torch.empty(rows, dtype=torch.long, pin_memory=cuda)  # where sampled columns land
 
@@ -161,6 +163,8 @@ class DecodeLoop:
         if not done:
             return []
         tokens, entries = self.sampler.sample(torch.stack(logits), done, [0] * len(done))
+        if self.agree is not None:
+            tokens = self.agree(tokens)
         for row, token in zip(done, tokens):
             p = self.rows[row].prompt
             self.step_model.start_row(row, token, slot=len(p), position=len(p) + p.delta)
@@ -176,6 +180,8 @@ class DecodeLoop:
         index = self._index[1]
         generated = [len(self.rows[r].seq.tokens) for r in rows]
         tokens, entries = self.sampler.sample(logits.index_select(0, index), rows, generated, index)
+        if self.agree is not None:
+            tokens = self.agree(tokens)
         column = torch.zeros(width, dtype=torch.long, device=logits.device).index_copy_(0, index, tokens)
         self.step_model.advance(column, width)
         self.counters["decode_steps"] += 1

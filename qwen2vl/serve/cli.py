@@ -84,7 +84,14 @@ def main(argv: list[str]) -> int:
 
     from .app import ServeSettings, create_app
 
-    engine = load_engine(args)
+    engine = load_engine(args, tensor_parallel=True)
+    if args.tensor_parallel != 1:  # rank 0 serves and drives; the other ranks follow its decode steps
+        from ..distributed import Leader, close, follow, is_main_process
+        if not is_main_process():
+            follow(engine)
+            close()
+            return 0
+        engine = Leader(engine)
     name = served_model_name(args)
     settings = ServeSettings(
         model_name=name, max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
@@ -100,7 +107,12 @@ def main(argv: list[str]) -> int:
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"qwen2vl serve: warning: binding to {args.host} without --api-key", file=sys.stderr)
     print(f"qwen2vl serve: {name} on http://{args.host}:{args.port}/ (OpenAI API at /v1)", file=sys.stderr)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
+    try:
+        uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
+    finally:
+        if args.tensor_parallel != 1:
+            engine.close()  # the followers stop
+            close()
     return 0
 
 

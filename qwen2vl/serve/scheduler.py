@@ -180,8 +180,7 @@ class Scheduler:
             self._fail(job, reason)
 
     def _serve(self) -> None:
-        self._loop = self.engine.new_loop(self.max_batch, self.max_len)
-        self._loop.chunk_size = self.prefill_chunk
+        self._loop = self.engine.new_loop(self.max_batch, self.max_len, self.prefill_chunk)
         while True:
             with self._cond:
                 while not (self._stopping or self._waiting or self._rows):
