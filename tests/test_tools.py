@@ -177,6 +177,18 @@ def test_stream_token_by_token_equals_complete(fmt, answer):
         assert order.index("ToolCallStart") < order.index("ToolCallArguments")
 
 
+def test_qwen_streamed_arguments_end_with_their_json():
+    """Text the model writes after the ✿ARGS✿ JSON (before the next marker) is content, not arguments."""
+    answer = '✿FUNCTION✿: get_weather\n✿ARGS✿: {"city": "Oslo"}\nI will wait.'
+    parser = ToolCallStreamParser("qwen")
+    events = [e for piece in answer for e in parser.feed(piece)]
+    events += parser.flush()  # the end of the answer releases the rest
+    parsed = parser.finish()
+    args = "".join(e.text for e in events if isinstance(e, ToolCallArguments))
+    assert json.loads(args) == {"city": "Oslo"} == parsed.calls[0]["arguments"]
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == parsed.content == "I will wait."
+
+
 def test_stream_arguments_arrive_before_the_call_closes():
     parser = ToolCallStreamParser("hermes")
     events = parser.feed('<tool_call>\n{"name": "f", "arguments": {"text": "hel')

@@ -216,11 +216,16 @@ class ToolCallStreamParser:
             pass
         return events
 
-    def finish(self) -> ToolParse:
-        """The whole answer: content, calls, and whether any call text was malformed."""
+    def flush(self) -> list:
+        """The events the end of the answer releases: held-back content, the call the end closes."""
         events: list = []
         while self._step(events, final=True):
             pass
+        return events
+
+    def finish(self) -> ToolParse:
+        """The whole answer: content, calls, and whether any call text was malformed."""
+        self.flush()
         text = "".join(self.content).strip()
         return ToolParse(text, list(self.calls), self.malformed, list(self.ids))
 
@@ -311,7 +316,7 @@ class ToolCallStreamParser:
             visible = body[:len(body) - _partial_suffix(body, markers)]
             if FN_ARGS + ":" in visible:
                 name, args = visible.split(FN_ARGS + ":", 1)
-                self._progress(events, name.lstrip(":").strip(), args.strip())
+                self._progress(events, name.lstrip(":").strip(), _json_prefix(args.strip()))
             return False
         call, raw_args, rest = _read_qwen(body)
         self.buffer = "" if at < 0 else self.buffer[at:]
@@ -337,6 +342,16 @@ class ToolCallStreamParser:
                                                                                       ensure_ascii=False))
             self.calls.append(call)
         self.started = False
+
+
+def _json_prefix(text: str) -> str:
+    """The argument text to stream: all of it while the JSON value is incomplete, only the value once
+    it is complete (text the model writes after it is not arguments)."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError:
+        return text
+    return text[:end]
 
 
 def _unescape(text: str) -> str:

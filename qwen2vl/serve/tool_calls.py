@@ -23,8 +23,6 @@ its index (no later call reuses it) and its text follows as content.
 
 from __future__ import annotations
 
-import json
-
 from ..agent.tools import (
     ContentDelta,
     ToolCallArguments,
@@ -105,26 +103,9 @@ class ToolDeltas:
         return self._deltas(self.parser.feed(text))
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
-        """The deltas the parser releases only at the end of the answer, and the choice's finish reason.
-
-        ``ToolCallStreamParser.finish`` returns the parse, not its last events: what is still owed (the
-        held-back content, the call the end of the text closed) is rebuilt from its state here.
-        """
-        closed, in_progress = len(self.parser.calls), self.parser.started
+        """The deltas the end of the answer releases, and the choice's finish reason."""
+        deltas = self._deltas(self.parser.flush())
         parsed = self.parser.finish()
-        deltas = []
-        rest = "".join(self.parser.content[self.shown:])
-        if rest:
-            deltas.append({"content": rest})
-        for k in range(closed, len(parsed.calls)):  # the call the end closed (at most one)
-            call = parsed.calls[k]
-            if in_progress and k == closed:
-                wire = self.wire[k]
-            else:
-                wire = self._start(k, parsed.ids[k], call["name"], deltas)
-            more = self._rest_of_arguments(self.sent.get(wire, ""), call["arguments"])
-            if more:
-                deltas.append(_arguments(wire, more))
         return deltas, finish_reason(reason, parsed.calls, parsed.malformed)
 
     def _deltas(self, events: list) -> list[dict]:
@@ -147,25 +128,6 @@ class ToolDeltas:
         out.append({"tool_calls": [{"index": wire, "id": ident, "type": "function",
                                     "function": {"name": name, "arguments": ""}}]})
         return wire
-
-    def _rest_of_arguments(self, sent: str, arguments: dict) -> str:
-        """The argument text after ``sent``: the rest of the model's own JSON text (found as the last
-        JSON value in the answer that starts with ``sent`` and equals ``arguments``), or, when nothing
-        was sent, the arguments as ``json.dumps`` writes them."""
-        if not sent:
-            return json.dumps(arguments, ensure_ascii=False)
-        text = self.text
-        decoder, at = json.JSONDecoder(), text.rfind(sent)
-        while at >= 0:
-            try:
-                value, end = decoder.raw_decode(text, at)
-                if value == arguments:
-                    return text[at + len(sent):end]
-            except json.JSONDecodeError:
-                pass
-            at = text.rfind(sent, 0, at)
-        return ""
-
 
 def _arguments(wire: int, text: str) -> dict:
     return {"tool_calls": [{"index": wire, "function": {"arguments": text}}]}
