@@ -12,7 +12,14 @@ from torch import nn
 
 from qwen2vl import Qwen2VL
 from qwen2vl.config import Qwen2VLConfig
-from qwen2vl.quant.linear import Int4Linear, Int8Linear, QuantLinear, quantize_linear, unpack_int4_cpu
+from qwen2vl.quant.linear import (
+    GEMM_ROWS,
+    Int4Linear,
+    Int8Linear,
+    QuantLinear,
+    quantize_linear,
+    unpack_int4_cpu,
+)
 from qwen2vl.quant.weights import quantize_weight
 
 
@@ -35,6 +42,10 @@ def test_linear_equals_its_dequantized_weight(dtype, scheme, group, sym, cls, ou
     assert y.shape == (2, 3, out_features) and y.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    # a prompt's worth of rows takes the dequantize + GEMM path: the same numbers
+    xs = torch.randn(1, GEMM_ROWS + 5, 128, dtype=dtype)
+    ref = F.linear(xs.float(), qw.dequantize(), linear.bias.float())
+    torch.testing.assert_close(module(xs).float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
     # and the dequantized weight is the float weight to within half a quantization step (plus, in
     # bfloat16, the rounding of the stored scale: up to 2**-8 of 2**(bits-1) steps)
     step = qw.scales.float().repeat_interleave(qw.group_size, dim=1)

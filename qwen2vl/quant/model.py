@@ -125,14 +125,23 @@ def install_quantized(model, config, items, dtype: torch.dtype, device: torch.de
             grouped[layer][leaf] = get
         else:
             rest.append((key, get, source))
-    weights = {}
-    for layer, getters in grouped.items():
-        tensors = {leaf: get() for leaf, get in getters.items()}
-        if "bias" in tensors:
-            tensors["bias"] = tensors["bias"].to(dtype)
-        weights[layer] = (from_gptq(tensors, bits, group_size, v2, layer) if method == "gptq"
-                          else from_awq(tensors, bits, group_size, layer))
-    for layer, qw in _fuse(weights).items():
+    by_parent: dict[str, list[str]] = defaultdict(list)
+    for layer in grouped:
+        by_parent[layer.rpartition(".")[0]].append(layer)
+    for names in by_parent.values():  # one module's layers at a time: unpacked integers never pile up
+        weights = {}
+        for layer in names:
+            tensors = {leaf: get() for leaf, get in grouped.pop(layer).items()}
+            if "bias" in tensors:
+                tensors["bias"] = tensors["bias"].to(dtype)
+            weights[layer] = (from_gptq(tensors, bits, group_size, v2, layer) if method == "gptq"
+                              else from_awq(tensors, bits, group_size, layer))
+        _install(model, _fuse(weights), dtype, device)
+    return rest
+
+
+def _install(model, weights: dict, dtype: torch.dtype, device: torch.device) -> None:
+    for layer, qw in weights.items():
         module = model.get_submodule(layer.rpartition(".")[0]) if "." in layer else model
         leaf = layer.rpartition(".")[2]
         kind = layer.rpartition(".")[0].rpartition(".")[2]
@@ -145,7 +154,6 @@ def install_quantized(model, config, items, dtype: torch.dtype, device: torch.de
             setattr(module, leaf, built.to(device))
         except ValueError as e:
             raise ValueError(f"{layer}: {e}") from None
-    return rest
 
 
 def _fuse(weights: dict[str, QuantWeight]) -> dict[str, QuantWeight]:
