@@ -29,10 +29,25 @@ ROUNDED = ("exp_avg", "exp_avg_sq")  # Adam state entries stored in bfloat16
 SIDE = ("metrics.jsonl", "options.json")
 
 
+def relative_paths(options: dict) -> dict:
+    """``options`` with absolute paths under the working directory written relative to it."""
+    cwd = Path.cwd().resolve()
+
+    def rel(value):
+        if isinstance(value, list):
+            return [rel(v) for v in value]
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).resolve().is_relative_to(cwd):
+            return str(Path(value).resolve().relative_to(cwd))
+        return value
+
+    return {k: rel(v) for k, v in options.items()}
+
+
 def pack(run: Path, dest: Path) -> Path:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from qwen2vl.train.checkpointing import latest_checkpoint
+    from qwen2vl.train.metrics import read_metrics
 
     checkpoint = latest_checkpoint(run / STAGE)
     if checkpoint is None:
@@ -53,9 +68,11 @@ def pack(run: Path, dest: Path) -> Path:
     torch.save({"info": info, "checkpoint": state, "rng": torch.load(checkpoint / "rng-0.pt", weights_only=False)},
                tmp_dest / "state.pt")
     shutil.copytree(run / "tokenizer", tmp_dest / "tokenizer")
-    for name in SIDE:
-        shutil.copyfile(run / STAGE / name, tmp_dest / name)
-    shutil.copyfile(json.loads((run / STAGE / "options.json").read_text())["model_config"], tmp_dest / "config.json")
+    kept = [r for r in read_metrics(run / STAGE / "metrics.jsonl") if r["step"] <= info["step"]]  # not the steps after it
+    (tmp_dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    options = json.loads((run / STAGE / "options.json").read_text())
+    shutil.copyfile(options["model_config"], tmp_dest / "config.json")
+    (tmp_dest / "options.json").write_text(json.dumps(relative_paths(options), indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp_dest.rename(dest)
     return dest
