@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-pixels", help="MIN,MAX per-frame pixel budget for video items (as in training)")
     p.add_argument("--limit", type=int, help="score only the first N records")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="answer tokens per sample (default 256: a GUI call of the nano tokenizer takes ~80)")
     p.add_argument("--out", default="eval.json", help="JSON with the summary rows and every scored sample")
     p.add_argument("--quiet", action="store_true")
     return p
