@@ -39,10 +39,6 @@ class KVCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
     def window(self, rows: slice = slice(None), span: int | None = None) -> CacheWindow:
         """The rows ``rows`` and their slots ``[0, span)`` (all slots by default), for one model call."""
         return CacheWindow(self, rows, self.capacity if span is None else span)
