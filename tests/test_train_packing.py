@@ -9,7 +9,7 @@ from oracle import pixels, prompt, tiny_config
 
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.model.qwen2vl import Qwen2VL
-from qwen2vl.train.loss import LossModel, supervised_loss_sum
+from qwen2vl.train.loss import LossModel, sample_weight_sum, supervised_loss_sum, token_weights
 from qwen2vl.train.packing import IGNORE, PackedStream, collate, pack_in_order
 
 
@@ -67,6 +67,35 @@ def test_packed_loss_and_grads_equal_unpacked(model, layout):
     assert ref.keys() == got.keys() and len(got) == len(list(model.parameters()))
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_weighted_packed_loss_equals_per_sample_weighting(model, power):
+    """loss_weighting sample/sqrt: each sample's summed answer loss divided by n ** power, whatever
+    the packing; the trainer's divisor is the same weights' total."""
+    samples = [make_sample(parts, answer, seed=i) for i, (parts, answer) in enumerate(SAMPLES)]
+    ref_loss = sum(unpacked_loss(model, [s]) / answer ** power for s, (_, answer) in zip(samples, SAMPLES))
+    ref = grads_of(model, ref_loss)
+    for layout in ([[0, 1, 2, 3]], [[3], [0, 1, 2]]):
+        batch = collate([[samples[i] for i in row] for row in layout], model.config)
+        loss = LossModel(model, chunk_tokens=5)(batch, power)
+        got = grads_of(model, loss)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    answers = [answer for _, answer in SAMPLES]
+    assert sample_weight_sum(answers, power) == pytest.approx(sum(n ** (1 - power) for n in answers))
+    assert sample_weight_sum(answers + [0], 1.0) == len(answers)  # a sample with no answer weighs nothing
+
+
+def test_token_weights_per_segment():
+    targets = torch.tensor([[5, IGNORE, 7, 8, 9, IGNORE], [1, 2, IGNORE, IGNORE, IGNORE, IGNORE]])
+    segments = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 2, 2, 0, 0]])
+    assert token_weights(targets, segments, 0.0) is None
+    w = token_weights(targets, segments, 1.0)
+    torch.testing.assert_close(w, torch.tensor([[1, 0, 1 / 3, 1 / 3, 1 / 3, 0], [0.5, 0.5, 0, 0, 0, 0]]))
+    # the same segment number in two rows is two samples
+    assert w[0, :5].sum() == pytest.approx(2.0) and w[1].sum() == pytest.approx(1.0)
 
 
 def test_positions_restart_per_sample(model):

@@ -63,6 +63,23 @@ def test_outputs_and_options_record(workdir):
     assert json.loads((out / "options.json").read_text())["max_steps"] == 3
 
 
+def test_sample_weighting_is_the_same_objective_under_accumulation(workdir):
+    """loss_weighting sample: 4 rows as one micro-step or as 2 give the same losses; and it is a
+    different objective from per-token weighting (answers of several lengths)."""
+    tmp, data = workdir
+    common = dict(max_steps=3, seq_len=160, batch_size=4, lr=5e-3, export=False)
+    runs = {}
+    for name, extra in (("sample", {}), ("sample-accum", {"grad_accum": 2}), ("token", {})):
+        weighting = name.split("-")[0]
+        assert main(train_args(tmp, data, tmp / name, loss_weighting=weighting, **extra, **common)) == 0
+        runs[name] = [r["loss"] for r in read_metrics(tmp / name / "metrics.jsonl")]
+    assert runs["sample"] == pytest.approx(runs["sample-accum"], rel=1e-5)
+    assert runs["sample"][0] != pytest.approx(runs["token"][0], rel=1e-3)
+    with pytest.raises(ValueError, match="loss_weighting must be one of token, sqrt, sample"):
+        load_options(None, {"data": "d.jsonl", "model_config": "c", "tokenizer": "t",
+                            "loss_weighting": "tokens"}).validate()
+
+
 def test_fine_tune_from_an_exported_checkpoint(workdir):
     """``model: <dir>`` loads a checkpoint (here a from-scratch run's export) and carries its side files on."""
     tmp, data = workdir

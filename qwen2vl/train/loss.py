@@ -1,4 +1,4 @@
-"""The training forward: packed batch -> summed cross-entropy over the supervised tokens.
+"""The training forward: packed batch -> summed (optionally weighted) cross-entropy over the supervised tokens.
 
 Logits are computed only at supervised positions, in chunks that are recomputed in the backward
 pass, so a 150k-word vocabulary never costs a float32 ``(T, vocab)`` tensor for a whole row.
@@ -19,7 +19,8 @@ from .packing import IGNORE, PackedBatch
 
 
 class LossModel(nn.Module):
-    """``forward(batch) -> loss_sum`` (float32 scalar): the sum, not the mean, of token losses.
+    """``forward(batch, power) -> loss_sum`` (float32 scalar): the sum, not the mean, of token losses,
+    each weighted ``n ** -power`` where n is the number of answer tokens of its sample (0: unweighted).
 
     ``lockstep`` (under FSDP) makes every process run the same collectives in the same order
     whatever its rows hold: the vision tower runs on every call (on a blank 1-item input joined to
@@ -34,7 +35,7 @@ class LossModel(nn.Module):
         self.lockstep = lockstep
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
+    def forward(self, batch: PackedBatch, power: float = 0.0) -> torch.Tensor:
         net = self.net
         image_embeds, video_embeds, zero = self._vision(batch)
         x = net.embed(batch.input_ids, image_embeds, video_embeds)  # (B, T, H)
@@ -42,7 +43,8 @@ class LossModel(nn.Module):
             x.requires_grad_(True)
         mask = attention_mask_from_segments(batch.segment_ids)
         hidden = net.decode(x, batch.position_ids, mask)  # (B, T, H)
-        loss = supervised_loss_sum(hidden, batch.targets, net.lm_head, self.chunk_tokens)
+        weights = token_weights(batch.targets, batch.segment_ids, power)
+        loss = supervised_loss_sum(hidden, batch.targets, net.lm_head, self.chunk_tokens, weights)
         return loss if zero is None else loss + zero
 
     def _vision(self, batch: PackedBatch):
@@ -65,20 +67,50 @@ class LossModel(nn.Module):
         return image, video, None
 
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def token_weights(targets: torch.Tensor, segment_ids: torch.Tensor, power: float) -> torch.Tensor | None:
+    """(B, T) weight of each supervised position: ``n ** -power``, n = answer tokens of its sample.
+
+    None for power 0 (every token weighs 1). With power 1 every sample's tokens sum to 1:
+
+    >>> t = torch.tensor([[5, -100, 7, 8, 9, -100]]); seg = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    >>> token_weights(t, seg, 1.0)
+    tensor([[1.0000, 0.0000, 0.3333, 0.3333, 0.3333, 0.0000]])
+    """
+    if power == 0:
+        return None
+    keep = targets != IGNORE
+    rows, width = segment_ids.shape
+    key = segment_ids + torch.arange(rows, device=segment_ids.device)[:, None] * (int(segment_ids.max()) + 1)
+    counts = torch.bincount(key[keep], minlength=int(key.max()) + 1).float()  # answer tokens per sample
+    return torch.where(keep, counts[key].clamp(min=1) ** -power, 0.0)
 
 
-def supervised_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int) -> torch.Tensor:
-    """Sum of cross-entropy at positions whose target is not IGNORE; hidden (B, T, H), targets (B, T)."""
+def sample_weight_sum(answer_tokens: list[int], power: float) -> float:
+    """The total weight of samples with these answer-token counts (the trainer's loss denominator)."""
+    return float(sum(n ** (1 - power) for n in answer_tokens if n > 0))
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights).sum()
+
+
+def supervised_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk: int,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of cross-entropy at positions whose target is not IGNORE, times ``weights`` if given;
+    hidden (B, T, H), targets and weights (B, T)."""
     keep = targets != IGNORE
     h, y = hidden[keep], targets[keep]  # (N, H), (N,)
+    w = None if weights is None else weights[keep]  # (N,)
     if y.numel() == 0:  # keep the graph (and FSDP's backward collectives) alive
         return hidden.sum().float() * 0.0
     recompute = torch.is_grad_enabled() and y.numel() > chunk
     total = None
     for start in range(0, y.numel(), chunk):
-        args = (head, h[start:start + chunk], y[start:start + chunk])
+        part_w = None if w is None else w[start:start + chunk]
+        args = (head, h[start:start + chunk], y[start:start + chunk], part_w)
         part = checkpoint(_chunk_loss, *args, use_reentrant=False) if recompute else _chunk_loss(*args)
         total = part if total is None else total + part
     return total

@@ -19,6 +19,9 @@ LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 VISION_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 
+LOSS_WEIGHTINGS = {"token": 0.0, "sqrt": 0.5, "sample": 1.0}  # name -> p: a sample of n answer tokens weighs n ** -p each
+
+
 class OptionError(ValueError):
     """A bad key or value in the options (the CLI reports it as a one-line user error)."""
 
@@ -70,6 +73,9 @@ class TrainOptions:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
     max_grad_norm: float = 1.0  # 0 disables clipping
+    # how answer tokens are weighted: "token" (each supervised token alike), "sample" (each sample's
+    # tokens share one unit: a one-token answer counts as much as an 80-token one), "sqrt" (n ** -0.5 each)
+    loss_weighting: str = "token"
     max_steps: int = 100
     seq_len: int = 4096  # tokens per packed sequence
     batch_size: int = 1  # packed sequences per optimizer step, over all processes
@@ -98,6 +104,8 @@ class TrainOptions:
             problems.append(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.on_bad_record not in ("skip", "fail"):
             problems.append(f"on_bad_record must be 'skip' or 'fail', got {self.on_bad_record!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            problems.append(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         for name in ("max_steps", "seq_len", "batch_size", "grad_accum", "keep_checkpoints"):

@@ -5,7 +5,8 @@ One optimizer step consumes ``batch_size`` packed rows of the global stream; pro
 contiguous share and splits it into ``grad_accum`` micro-batches. Every micro-batch loss is its
 sum of token losses divided by the supervised-token count of the whole global batch (known from
 the up-front length pass), so the step's gradient is that of the global mean loss whatever the
-number of processes or micro-steps.
+number of processes or micro-steps. With ``loss_weighting: sample`` each sample's answer tokens share
+one unit of weight and the divisor is the number of samples (the evaluation loss stays per token).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from .dataset import Dataset
 from .distributed import Dist, all_sum, barrier, shard
 from .export import export_checkpoint, full_state_dict
 from .lora import add_lora, lora_config
-from .loss import LossModel
+from .loss import LossModel, sample_weight_sum
 from .metrics import MetricsLog, plot_losses, progress_bar
 from .optim import clip_grad_norm, lr_factor, make_optimizer, set_lr
-from .options import OptionError, TrainOptions
+from .options import LOSS_WEIGHTINGS, OptionError, TrainOptions
 from .packing import PackedStream, collate, pack_in_order
 from .stages import apply_freezing, learning_rates, lora_parts, param_groups, trainable_parts
 from .stream import SyntheticStream, is_stream_spec
@@ -76,6 +77,7 @@ class Trainer:
         opts.validate(d.world_size)
         trainable, adapted = trainable_parts(opts), lora_parts(opts)  # option errors before any loading
         self.opts, self.d = opts, d
+        self.power = LOSS_WEIGHTINGS[opts.loss_weighting]  # each answer token weighs n ** -power
         self.out = Path(opts.output_dir)
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -174,10 +176,11 @@ class Trainer:
                 epoch, local, batches = upcoming.result()
                 if step + 1 < opts.max_steps:
                     upcoming = pool.submit(self._prepare, stream, step + 1)
-                tokens, supervised, samples = (int(v) for v in all_sum(d, local))  # over the global batch
+                *counts, weight = all_sum(d, local)  # over the global batch
+                tokens, supervised, samples = (int(v) for v in counts)
                 factor = lr_factor(step, opts.warmup_steps, opts.max_steps, opts.min_lr_ratio)
                 set_lr(self.optimizer, factor)
-                loss, grad_norm = self._train_step(batches, supervised)
+                loss, grad_norm = self._train_step(batches, weight)
                 elapsed = time.perf_counter() - t0
                 run_tokens += tokens
                 last = {"step": step + 1, "loss": loss, "lr": opts.lr * factor, "grad_norm": grad_norm,
@@ -199,7 +202,7 @@ class Trainer:
         return self._finish(last)
 
     def _prepare(self, stream: PackedStream | None, step: int):
-        """(epoch, this process's [tokens, supervised tokens, samples], its micro-batches on the CPU).
+        """(epoch, this process's [tokens, supervised tokens, samples, loss weight], its micro-batches on the CPU).
 
         Rows come from the packed data set (``stream``) or, with ``stream`` None, are generated.
         """
@@ -212,28 +215,33 @@ class Trainer:
             rows = stream.rows(first, per_process)
             epoch, mine = rows[-1][0], [[data.sample(i) for i in row] for _, row in rows]
         samples = [s for row in mine for s in row]
-        local = [sum(int(s.input_ids.numel()) for s in samples),
-                 sum(int((s.labels[1:] != -100).sum()) for s in samples), len(samples)]
+        answer = [int((s.labels[1:] != -100).sum()) for s in samples]
+        local = [sum(int(s.input_ids.numel()) for s in samples), sum(answer), len(samples),
+                 sample_weight_sum(answer, self.power)]
         micro = per_process // opts.grad_accum
         batches = [collate(mine[k * micro:(k + 1) * micro], self.config, self.pad_id) for k in range(opts.grad_accum)]
         return epoch, local, batches
 
-    def _train_step(self, batches: list, supervised: int) -> tuple[float, float]:
-        """Accumulate the micro-batches, clip, step: (global mean token loss, gradient norm)."""
+    def _train_step(self, batches: list, weight: float) -> tuple[float, float]:
+        """Accumulate the micro-batches, clip, step: (global weighted mean loss, gradient norm).
+
+        ``weight`` is the global batch's total loss weight: its supervised tokens under "token"
+        weighting, its samples under "sample".
+        """
         d = self.d
         loss_sum = torch.zeros((), device=d.device)
         for k, batch in enumerate(batches):
             if d.sharded:
                 self.loss_model.set_requires_gradient_sync(k == len(batches) - 1)
             with self.autocast():
-                part = self.loss_model(batch.to(d.device))
+                part = self.loss_model(batch.to(d.device), self.power)
             # FSDP averages gradients over processes: scale by the process count to get the sum
-            (part * (d.world_size / supervised)).backward()
+            (part * (d.world_size / weight)).backward()
             loss_sum += part.detach()
         grad_norm = clip_grad_norm(self.trainable, self.opts.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return all_sum(d, [float(loss_sum)])[0] / supervised, grad_norm
+        return all_sum(d, [float(loss_sum)])[0] / weight, grad_norm
 
     def _due(self, step: int, every: int) -> bool:
         return step == self.opts.max_steps or (every > 0 and step % every == 0)
