@@ -76,10 +76,29 @@ def test_bad_specs_are_named(tmp_path, encode, changes, message):
         SyntheticStream(write_spec(tmp_path / "bad.yaml", **changes), encode, SEQ_LEN)
 
 
-def test_a_sample_over_seq_len_is_an_error_naming_it(tmp_path, encode):
-    stream = SyntheticStream(write_spec(tmp_path / "mix.yaml"), encode, 40)
-    with pytest.raises(DataError, match=r"mix.yaml: sample 0 has \d+ tokens, more than seq_len 40"):
-        stream.row(0)
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_samples_over_seq_len_are_passed_over(tmp_path, encode, budgeted):
+    """A sample too long by itself is skipped (the encoder's over-budget error, or its length), the
+    same way every time; a row where nothing fits names the fix."""
+    spec = write_spec(tmp_path / "mix.yaml", phases=[])
+    probe = SyntheticStream(spec, encode, SEQ_LEN)
+    encoded = [encode(probe.record(2 * ROW_STRIDE + j, probe.settings)["messages"]) for j in range(8)]
+    lengths = [int(s.input_ids.numel()) for s in encoded]
+    seq_len = lengths[0] - 1  # the row's first sample does not fit by itself
+    first_fit = next(j for j, n in enumerate(lengths) if n <= seq_len)
+    processor = Processor.from_pretrained(str(make_tokenizer_dir(tmp_path / "tok")), max_pixels=56 * 56 * 4)
+
+    def limited(messages):
+        budget = {"max_tokens": seq_len} if budgeted else {}
+        return processor.encode(messages, add_generation_prompt=False, return_labels=True, **budget)
+
+    row = SyntheticStream(spec, limited, seq_len).row(2)
+    assert row[0].input_ids.tolist() == encoded[first_fit].input_ids.tolist()
+    assert sum(int(s.input_ids.numel()) for s in row) <= seq_len
+    again = SyntheticStream(spec, limited, seq_len).row(2)
+    assert [s.input_ids.tolist() for s in again] == [s.input_ids.tolist() for s in row]
+    with pytest.raises(DataError, match=r"mix.yaml: no sample of row 0 fits in seq_len 5; raise seq_len"):
+        SyntheticStream(spec, limited, 5).row(0)
 
 
 def test_training_on_a_stream_resumes_exactly(tmp_path):

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..data.synthetic import SIZE_POLICIES, force_media_size, generate_sample, set_video_pixels
 from ..data.synthetic.writer import task_mix, to_record
+from ..processing.sources import MediaError
 from .dataset import DataError
 
 ROW_STRIDE = 256  # sample indices reserved per row (a row never holds that many)
@@ -111,18 +112,30 @@ class SyntheticStream:
         return record
 
     def row(self, g: int) -> list:
-        """The encoded samples of row ``g``: ``g * ROW_STRIDE + j`` while they fit in ``seq_len`` tokens."""
+        """The encoded samples of row ``g``: ``g * ROW_STRIDE + j`` while they fit in ``seq_len`` tokens.
+
+        A sample longer than ``seq_len`` by itself (a big image under a small ``seq_len``) is passed
+        over, as a pure function of its index like everything else; a row that ends up empty is an error.
+        """
         settings, samples, used = self.settings_at(g), [], 0
         for j in range(ROW_STRIDE):
             index = g * ROW_STRIDE + j
-            sample = self.encode(self.record(index, settings)["messages"])
+            try:
+                sample = self.encode(self.record(index, settings)["messages"])
+            except MediaError as e:
+                if e.kind != "over_budget":
+                    raise
+                continue
             n = int(sample.input_ids.numel())
             if n > self.seq_len:
-                raise DataError(f"{self.name}: sample {index} has {n} tokens, more than seq_len {self.seq_len}")
+                continue
             if used + n > self.seq_len:
-                return samples
+                break
             samples.append(sample)
             used += n
+        if not samples:
+            raise DataError(f"{self.name}: no sample of row {g} fits in seq_len {self.seq_len}; "
+                            f"raise seq_len or use a smaller size_policy")
         return samples
 
     def summary(self) -> str:
