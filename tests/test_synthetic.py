@@ -11,6 +11,7 @@ from qwen2vl.agent.grounding import denormalize_coords, iou, parse_regions
 from qwen2vl.data import make_dataset
 from qwen2vl.data.synthetic import (
     SIZE_POLICIES,
+    TASKS,
     charts,
     generate_sample,
     read_dataset,
@@ -19,13 +20,16 @@ from qwen2vl.data.synthetic import (
     video,
     write_dataset,
 )
+from qwen2vl.data.synthetic import style as styles
 from qwen2vl.data.synthetic.common import COLOURS
 
 N = 80  # samples per task in the consistency checks
+STYLES = ["plain", "varied"]
 
 
-def samples(task, n=N, seed=3, policy="varied"):
-    return [generate_sample(i, seed, "train", [task], policy) for i in range(n)]
+def samples(task, n=N, seed=3, policy="varied", style="plain", split="train"):
+    tasks = [task] if isinstance(task, str) else task
+    return [generate_sample(i, seed, split, tasks, policy, style) for i in range(n)]
 
 
 def colour_mask(image, name):
@@ -37,19 +41,32 @@ def tight_box(mask):
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
-def check_objects_match_pixels(image, objects):
-    """Every object's box is the exact bbox of its colour there, and no colour pixel lies outside boxes."""
+def shape_mask_px(image, name, outline=0):
+    """Pixels of the named colour (and, with an ``outline``, of its darker edge)."""
+    mask = colour_mask(image, name)
+    if outline:
+        mask |= np.all(np.asarray(image) == styles.mix(COLOURS[name], (0, 0, 0), 0.45), axis=-1)
+    return mask
+
+
+def check_objects_match_pixels(image, objects, outline=0):
+    """Every object's box is the exact bbox of its colour there (with its outline, if drawn), and no
+    colour pixel lies outside boxes."""
     for name in {o["colour"] for o in objects}:
-        mask = colour_mask(image, name)
+        mask, full = colour_mask(image, name), shape_mask_px(image, name, outline)
         covered = np.zeros_like(mask)
         for o in objects:
             x1, y1, x2, y2 = o["box"]
             covered[y1:y2, x1:x2] = True
             if o["colour"] == name:
-                sub = mask[y1:y2, x1:x2]
-                assert sub.mean() > 0.3, o  # a filled shape, not a sliver
-                assert tight_box(sub) == [0, 0, x2 - x1, y2 - y1], o
-        assert not (mask & ~covered).any(), f"{name} pixels outside every box"
+                assert full[y1:y2, x1:x2].mean() > 0.3, o  # a filled shape, not a sliver
+                assert mask[y1:y2, x1:x2].any(), o
+                assert tight_box(full[y1:y2, x1:x2]) == [0, 0, x2 - x1, y2 - y1], o
+        assert not (full & ~covered).any(), f"{name} pixels outside every box"
+
+
+def outline_of(sample):
+    return sample.meta.get("style", {}).get("outline", 0)
 
 
 # ------------------------------------------------------------------------------------------ determinism
@@ -142,11 +159,12 @@ def test_make_dataset_cli(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- answers match pixels
 
-def test_counting_answer_equals_the_drawn_shapes():
+@pytest.mark.parametrize("style", STYLES)
+def test_counting_answer_equals_the_drawn_shapes(style):
     seen_zero = False
-    for s in samples("counting"):
+    for s in samples("counting", style=style):
         objects, target = s.meta["objects"], s.meta["target"]
-        check_objects_match_pixels(s.image, objects)
+        check_objects_match_pixels(s.image, objects, outline_of(s))
         count = sum((target["colour"] in (None, o["colour"])) and (target["shape"] in (None, o["shape"]))
                     for o in objects)
         assert s.answer == str(count) == str(s.meta["count"])
@@ -154,8 +172,9 @@ def test_counting_answer_equals_the_drawn_shapes():
     assert seen_zero
 
 
-def test_grounding_box_encloses_the_drawn_shape():
-    for s in samples("grounding"):
+@pytest.mark.parametrize("style", STYLES)
+def test_grounding_box_encloses_the_drawn_shape(style):
+    for s in samples("grounding", style=style):
         w, h = s.image.size
         [region] = parse_regions(s.answer)
         assert region.label == s.meta["label"] and list(region.box) == s.meta["box"]
@@ -163,7 +182,7 @@ def test_grounding_box_encloses_the_drawn_shape():
         colour = s.meta["label"].split()[0]
         target = [o for o in s.meta["objects"] if f'{o["colour"]} {o["shape"]}' == s.meta["label"]]
         assert len(target) == 1  # the reference is unambiguous
-        check_objects_match_pixels(s.image, s.meta["objects"])
+        check_objects_match_pixels(s.image, s.meta["objects"], outline_of(s))
         x1, y1, x2, y2 = s.meta["box_px"]
         assert colour_mask(s.image, colour)[y1:y2, x1:x2].any()
         back = denormalize_coords(region.box, (w, h))
@@ -172,9 +191,10 @@ def test_grounding_box_encloses_the_drawn_shape():
         assert iou(back, s.meta["box_px"]) > 0.8
 
 
-def test_chart_bars_have_the_answered_values():
+@pytest.mark.parametrize("style", STYLES)
+def test_chart_bars_have_the_answered_values(style):
     kinds = set()
-    for s in samples("chart"):
+    for s in samples("chart", style=style):
         m = s.meta
         kinds.add(m["kind"])
         values = list(m["values"].values())
@@ -195,9 +215,10 @@ def test_chart_bars_have_the_answered_values():
     assert kinds == {"value", "max", "min"}
 
 
-def test_video_answers_follow_the_frames():
+@pytest.mark.parametrize("style", STYLES)
+def test_video_answers_follow_the_frames(style):
     kinds = set()
-    for s in samples("video", n=60):
+    for s in samples("video", n=60, style=style):
         m = s.meta
         kinds.add(m["kind"])
         assert len(s.frames) == m["n_frames"] in (4, 6, 8)
@@ -205,7 +226,7 @@ def test_video_answers_follow_the_frames():
         if m["kind"] == "direction":
             colour = m["label"].split()[0]
             for frame, (x1, y1, x2, y2) in zip(s.frames, m["boxes"]):
-                sub = colour_mask(frame, colour)[y1:y2, x1:x2]
+                sub = shape_mask_px(frame, colour, outline_of(s))[y1:y2, x1:x2]
                 assert tight_box(sub) == [0, 0, x2 - x1, y2 - y1]
             (ax, ay), (bx, by) = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in (m["boxes"][0], m["boxes"][-1])]
             moved = {"left": ax - bx, "right": bx - ax, "up": ay - by, "down": by - ay}
@@ -222,9 +243,10 @@ def test_video_answers_follow_the_frames():
     assert kinds == {"direction", "first", "last"}
 
 
-def test_reading_small_text_tags_and_ink():
+@pytest.mark.parametrize("style", STYLES)
+def test_reading_small_text_tags_and_ink(style):
     tags = {True: 0, False: 0}
-    for s in samples("reading", n=200):
+    for s in samples("reading", n=200, style=style):
         m = s.meta
         w, h = s.image.size
         assert m["text_px_224"] == pytest.approx(m["font_px"] * 224 / max(w, h), abs=0.01)
@@ -273,12 +295,13 @@ def test_image_sizes_span_the_policy(policy):
 
 # ------------------------------------------------------------------------------------------ gui screens
 
-def test_gui_screens_answers_click_inside_the_drawn_target():
+@pytest.mark.parametrize("style", STYLES)
+def test_gui_screens_answers_click_inside_the_drawn_target(style):
     from qwen2vl.data.metrics import predicted_actions
     from qwen2vl.data.synthetic import gui
 
-    batch = samples("gui", n=120, seed=5)
-    assert generate_sample(3, 5, "train", ["gui"]).answer == batch[3].answer  # deterministic
+    batch = samples("gui", n=120, seed=5, style=style)
+    assert generate_sample(3, 5, "train", ["gui"], style=style).answer == batch[3].answer  # deterministic
     kinds = {(s.meta["kind"], s.meta["element"]) for s in batch}
     assert {"button", "link", "tab", "field", "checkbox", "menu", "dialog"} <= {e for _, e in kinds}
     assert ("multi", "field") in kinds
@@ -321,8 +344,9 @@ def test_per_task_policy_caps_each_task_and_leaves_the_others():
         type(policy)(100, 512, (("chart", 600),))
 
 
-def test_basics_answers_match_the_big_drawn_shapes():
-    batch = samples("basics", n=90, seed=8, policy="per-task")
+@pytest.mark.parametrize("style", STYLES)
+def test_basics_answers_match_the_big_drawn_shapes(style):
+    batch = samples("basics", n=90, seed=8, policy="per-task", style=style)
     assert {s.meta["kind"] for s in batch} == {"colour", "shape", "count"}
     for s in batch:
         objects = s.meta["objects"]
@@ -333,3 +357,147 @@ def test_basics_answers_match_the_big_drawn_shapes():
             assert (pixels[y1:y2, x1:x2] == COLOURS[o["colour"]]).all(axis=-1).any()
         expected = {"colour": objects[0]["colour"], "shape": objects[0]["shape"], "count": str(len(objects))}
         assert s.answer == expected[s.meta["kind"]]
+
+
+# ------------------------------------------------------------------------------------------ styles
+
+PLAIN_HASHES = {  # computed from the generator before styles existed (Pillow 13.0.0)
+    "train/reading/varied": ["91fdcb7170af18ec", "a76c046466f96c0e", "12c0e9757acb9001"],
+    "train/reading/per-task": ["7757fb34189d20c3", "0560f598750732f0", "112567321cd7e181"],
+    "train/counting/varied": ["e253b9bb4d9a85d9", "c16eaba4a2bcc876", "3e29e4a87bed3f88"],
+    "train/counting/per-task": ["e253b9bb4d9a85d9", "630464dbbcb2d2b2", "629165e725c44256"],
+    "train/grounding/varied": ["5c0b67c0c86d9a23", "23b4ec9f453389e9", "6380b751445ba0df"],
+    "train/grounding/per-task": ["814f12e4643e0225", "f2a304c84c51f6f7", "c28534adb2b54082"],
+    "train/chart/varied": ["ad974929ea71d95d", "e8ed7a920d129b09", "dd796fd47c7fef39"],
+    "train/chart/per-task": ["d18b9a332456235e", "b6edabe24ffe6683", "9c76e7610dc2b1f7"],
+    "train/video/varied": ["b7488d923fa3d72d", "c9fd5cc94df57229", "aac20f930abcdc0a"],
+    "train/video/per-task": ["b7488d923fa3d72d", "c9fd5cc94df57229", "aac20f930abcdc0a"],
+    "train/gui/varied": ["4b9c993330f2ab8f", "0617db66b6eda8ba", "9df42995297d4d34"],
+    "train/gui/per-task": ["faa9e7d13d9ab960", "14ac7f78563ac6c9", "c919e41bdea8c999"],
+    "train/basics/varied": ["e3db53ebd238461f", "1344a59c4a781838", "2b2f271aefb33d24"],
+    "train/basics/per-task": ["ff2119cfece933a6", "3c2e287ce1dc9515", "818f9e3aaa392481"],
+    "eval/reading/varied": ["3d5c5c9e91acaeb8", "a27f3ff1f29675d3", "69113e86798d3ace"],
+    "eval/reading/per-task": ["f77dd89697b29805", "1cf07937df99985f", "027ec8746b7e0ab2"],
+    "eval/counting/varied": ["19aea9dad6744836", "eecc17da6f9d6eff", "6f61e3e00c3827f2"],
+    "eval/counting/per-task": ["295fef1e5c98be15", "7409ec76ea74dd0f", "59af6146f372d06a"],
+    "eval/grounding/varied": ["53da5e2847b2122f", "859907f9d1164060", "543c38f7c1069545"],
+    "eval/grounding/per-task": ["0dac4d13b0eafbce", "06a408b12f2e57da", "a8e4b0abeb393e29"],
+    "eval/chart/varied": ["edf509424126f5e9", "fbd67fd98c3c76d6", "ff68103bad93672c"],
+    "eval/chart/per-task": ["3dccf0526a81d3ae", "d4422d60e4566571", "e89cb075a108a6cc"],
+    "eval/video/varied": ["04af44520ec31236", "053243f8e0eccecf", "c11151373c31dfb3"],
+    "eval/video/per-task": ["04af44520ec31236", "053243f8e0eccecf", "c11151373c31dfb3"],
+    "eval/gui/varied": ["0f86b1d0f1aa2b99", "b527d72f7e72b19e", "2763648cbf8f5050"],
+    "eval/gui/per-task": ["0ca43c620ef4a5fc", "d986e74b5a1e3dda", "5c934e3ad23a65ae"],
+    "eval/basics/varied": ["f8e9e6cbba8a4fa5", "bd14f2881f1b335c", "95678254caff8fbb"],
+    "eval/basics/per-task": ["490b29b052eb154e", "75e4f7e57d59bd5b", "3e560adab16def83"],
+    "train/mix/per-task": ["0336e29220bee844", "2429d316d602f685", "570f5300ed0ff0da", "4c09edc9cc41a16a", "f8482898f5ce4fe5", "1b2b5439e48d00ab"],
+}
+
+
+def digest(s):
+    h = hashlib.sha256()
+    h.update(json.dumps([s.task, s.question, s.answer, s.meta], sort_keys=True).encode())
+    for im in ([s.image] if s.image is not None else s.frames):
+        h.update(repr((im.mode, im.size)).encode())
+        h.update(im.tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_plain_style_is_the_original_generator_byte_for_byte():
+    """A run under way trains on these rows and resumes from them: plain samples must never change."""
+    got = {}
+    for key in PLAIN_HASHES:
+        split, task, policy = key.split("/")
+        if task == "mix":
+            mix = {"reading": 1, "counting": 1, "gui": 1, "basics": 1}
+            got[key] = [digest(generate_sample(i, 0, split, mix, policy)) for i in range(6)]
+        else:
+            got[key] = [digest(generate_sample(i, 7, split, [task], policy, **({"style": "plain"} if i % 2 else {})))
+                        for i in range(3)]  # the default style is plain
+    assert got == PLAIN_HASHES
+
+
+def test_varied_style_is_deterministic_and_differs_from_plain():
+    for task in sorted(TASKS):
+        a = generate_sample(5, 2, "train", [task], "compact", "varied")
+        b = generate_sample(5, 2, "train", [task], "compact", "varied")
+        assert digest(a) == digest(b) and "style" in a.meta
+        assert digest(a) != digest(generate_sample(5, 2, "train", [task], "compact"))
+    with pytest.raises(ValueError, match="unknown generator style 'fancy'"):
+        generate_sample(0, 0, style="fancy")
+
+
+def test_reserved_fonts_stay_out_of_the_train_split_only():
+    text_tasks = ["reading", "chart", "gui"]
+    train = [s.meta["style"]["font"] for s in samples(text_tasks, n=300, seed=1, policy="compact", style="varied")]
+    held_out = [s.meta["style"]["font"] for s in
+                samples(text_tasks, n=300, seed=1, policy="compact", style="varied", split="eval")]
+    assert not set(train) & set(styles.RESERVED_FONTS) and len(set(train)) >= 12
+    assert set(styles.RESERVED_FONTS) <= set(held_out)
+    assert sum(f in styles.RESERVED_FONTS for f in held_out) > 15
+    assert {f.name for f in styles.FACES} == set(held_out)
+
+
+def test_varied_shape_backgrounds_keep_away_from_the_named_colours():
+    named = np.array(list(COLOURS.values()), np.float32)
+    kinds, dark = set(), 0
+    for task in ("counting", "grounding", "basics", "video"):
+        for s in samples(task, n=25, seed=4, policy="per-task", style="varied"):
+            if task == "video" and s.meta["kind"] == "direction":
+                continue  # its static shapes are not in the meta
+            pixels = np.asarray(s.image if s.image is not None else s.frames[-1], np.float32)
+            free = np.ones(pixels.shape[:2], bool)
+            boxes = [o["box"] for o in s.meta["objects"]] if task != "video" else list(s.meta["boxes"].values())
+            for x1, y1, x2, y2 in boxes:
+                free[max(0, y1 - 1):y2 + 1, max(0, x1 - 1):x2 + 1] = False
+            back = pixels[free][::7]
+            nearest = np.sqrt(((back[:, None, :] - named[None]) ** 2).sum(-1)).min()
+            assert nearest >= shapes.MIN_COLOUR_DIST - 12, (task, s.meta["style"])
+            kinds.add(s.meta["style"]["background"])
+            dark += styles.luminance(s.meta["style"]["background_colour"]) < 0.3
+    assert kinds == {"solid", "gradient", "texture"} and dark >= 5
+
+
+def test_varied_text_has_contrast_with_its_background():
+    for task in ("reading", "chart", "gui"):
+        seen_dark = False
+        for s in samples(task, n=40, seed=2, policy="compact", style="varied"):
+            facts = s.meta["style"]
+            if facts["background"] in ("solid", "sign"):
+                ink, paper = (styles.luminance(facts[k]) for k in ("ink", "background_colour"))
+                assert styles.contrast(ink, paper) >= 4.5, facts
+            seen_dark |= styles.luminance(facts["background_colour"]) < 0.2
+        assert seen_dark, task
+
+
+def test_fonts_render_ascii_and_varied_needs_matplotlib(monkeypatch):
+    for face in styles.FACES:
+        fnt = styles.load_font(face.file, 20)
+        safe = [c for c in "AZaz09:$.@-" if c not in face.unsafe]
+        assert all(fnt.getbbox(c)[2] > fnt.getbbox(c)[0] for c in safe), face.name
+    assert styles.Style("varied", styles.FACES[-3]).face_for("carol_w") is styles.FALLBACK
+    styles.font_dir.cache_clear()
+    monkeypatch.setattr(styles.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="install the train extra"):
+        generate_sample(0, 0, style="varied")
+    styles.font_dir.cache_clear()
+
+
+def test_make_dataset_style_option(tmp_path):
+    assert make_dataset.main(["--out", str(tmp_path), "--n", "4", "--seed", "1", "--tasks", "reading",
+                              "--style", "varied", "--quiet"]) == 0
+    records = read_dataset(tmp_path)
+    assert all(r["meta"]["style"]["font"] for r in records)
+    assert json.loads((tmp_path / "manifest.json").read_text())["style"] == "varied"
+    with pytest.raises(SystemExit):
+        make_dataset.main(["--out", str(tmp_path), "--n", "1", "--seed", "0", "--style", "fancy"])
+
+
+def test_eval_generates_a_varied_held_out_set(tmp_path):
+    from qwen2vl.data import evaluate as ev
+
+    out = tmp_path / "eval.json"
+    args = ev.build_parser().parse_args(["--model", "m", "--n", "3", "--out", str(out), "--quiet",
+                                         "--tasks", "reading", "--style", "varied"])
+    result = ev.run(args, lambda convs: ["x"] * len(convs))
+    assert "varied style" in result["data"] and len(result["samples"]) == 3

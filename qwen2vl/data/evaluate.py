@@ -5,6 +5,7 @@ generated on the fly unless ``--data`` names a written dataset::
 
     qwen2vl eval --model DIR [--n 500] [--seed 0] [--out eval.json]
     qwen2vl eval --model DIR --data data/eval --force-size 224 --out eval224.json
+    qwen2vl eval --model DIR --style varied --out eval-varied.json   # unseen fonts, colours, layouts
 
 Scoring is separate from the model: :func:`evaluate` takes any ``predict(conversations) -> texts``.
 """
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from ..cli import UserError
 from .make_dataset import parse_pixels, parse_size, parse_tasks
 from .metrics import format_table, score, summarise
-from .synthetic import SIZE_POLICIES, force_media_size, read_dataset, set_video_pixels, write_dataset
+from .synthetic import SIZE_POLICIES, STYLES, force_media_size, read_dataset, set_video_pixels, write_dataset
 
 EVAL_SEED = 0
 Predict = Callable[[list[list[dict]]], list[str]]
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="held-out seed, in the eval namespace")
     p.add_argument("--tasks", help="comma list of tasks to generate (without --data)")
     p.add_argument("--size-policy", choices=sorted(SIZE_POLICIES), default="varied")
+    p.add_argument("--style", choices=STYLES, default="plain",
+                   help="generator look of the generated set (without --data): plain or varied")
     p.add_argument("--force-size", help="N or WxH: squash every image and frame to this size (224 ablation)")
     p.add_argument("--video-pixels", help="MIN,MAX per-frame pixel budget for video items (as in training)")
     p.add_argument("--limit", type=int, help="score only the first N records")
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace, predict: Predict) -> dict:
             root = path if path.is_dir() else path.parent
         else:
             jsonl = write_dataset(tmp, args.n, args.seed, split="eval", tasks=parse_tasks(args.tasks),
-                                  image_size_policy=args.size_policy, progress=not args.quiet)
+                                  image_size_policy=args.size_policy, progress=not args.quiet, style=args.style)
             records, root = read_dataset(jsonl), jsonl.parent
         if args.limit is not None:
             records = records[:args.limit]
@@ -112,7 +115,9 @@ def run(args: argparse.Namespace, predict: Predict) -> dict:
         scored, rows = evaluate(records, root, predict, batch_size=args.batch_size, force_size=force_size,
                                 progress=not args.quiet)
     print(format_table(rows))
-    result = {"model": args.model, "data": args.data or f"generated eval split, seed {args.seed}, n {args.n}",
+    generated = f"generated eval split, seed {args.seed}, n {args.n}" + (
+        f", {args.style} style" if args.style != "plain" else "")
+    result = {"model": args.model, "data": args.data or generated,
               "force_size": list(force_size) if force_size else None, "video_pixels": args.video_pixels,
               "rows": rows, "samples": scored}
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

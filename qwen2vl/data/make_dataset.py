@@ -6,6 +6,7 @@ Examples::
     python -m qwen2vl.data.make_dataset --out data/eval --n 1000 --seed 0 --split eval
     python -m qwen2vl.data.make_dataset --out data/train224 --n 20000 --seed 0 --force-size 224
     python -m qwen2vl.data.make_dataset --out data/mix --n 5000 --seed 1 --tasks reading=2,counting=1
+    python -m qwen2vl.data.make_dataset --out data/eval-varied --n 1000 --seed 0 --split eval --style varied
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import sys
 
 from ..cli import UserError
-from .synthetic import SIZE_POLICIES, SPLITS, TASKS, write_dataset
+from .synthetic import SIZE_POLICIES, SPLITS, STYLES, TASKS, write_dataset
 
 
 def parse_tasks(text: str | None) -> dict[str, float] | None:
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-policy", choices=sorted(SIZE_POLICIES), default="varied",
                    help="image sides: varied 100-1200 px, compact 100-512 px, per-task: compact with shape scenes <= 320 px, "
                         "charts <= 384 px")
+    p.add_argument("--style", choices=STYLES, default="plain",
+                   help="generator look: plain (the original) or varied (fonts, colours, backgrounds, layouts; "
+                        "the train split holds some fonts out)")
     p.add_argument("--force-size", help="N or WxH: every media item asks the processor for this size (ablation)")
     p.add_argument("--video-format", choices=["frames", "mp4"], default="frames")
     p.add_argument("--video-pixels", help="MIN,MAX: per-frame min_pixels and max_pixels on every video item")
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_dataset(args.out, args.n, args.seed, split=args.split, tasks=parse_tasks(args.tasks),
                          image_size_policy=args.size_policy, force_size=parse_size(args.force_size),
                          video_format=args.video_format, video_pixels=parse_pixels(args.video_pixels),
-                         workers=args.workers, progress=not args.quiet)
+                         workers=args.workers, progress=not args.quiet, style=args.style)
     print(f"wrote {args.n} samples to {path}")
     return 0
 

@@ -5,10 +5,12 @@ Task families: ``reading`` (documents, receipts, signs; some with text too small
 (short clips of moving or appearing shapes) and ``gui``
 (screens of buttons, links, tabs, fields, checkboxes, menus and dialogs; answers are computer_use calls;
 not in DEFAULT_MIX) and ``basics`` (one to four big shapes: their colour, kind or number; the start of a
-curriculum). :func:`write_dataset` writes ``data.jsonl`` + media.
+curriculum). :func:`write_dataset` writes ``data.jsonl`` + media. A ``style`` ("plain" or "varied", see
+:mod:`.style`) sets the look: fonts, colours, backgrounds, layouts.
 """
 
 from .common import SIZE_POLICIES, SPLITS, Sample, SizePolicy, sample_rng
+from .style import RESERVED_FONTS, STYLES
 from .writer import (
     DEFAULT_MIX,
     TASKS,
@@ -19,5 +21,5 @@ from .writer import (
     write_dataset,
 )
 
-__all__ = ["DEFAULT_MIX", "SIZE_POLICIES", "SPLITS", "TASKS", "Sample", "SizePolicy", "force_media_size",
+__all__ = ["DEFAULT_MIX", "RESERVED_FONTS", "SIZE_POLICIES", "SPLITS", "STYLES", "TASKS", "Sample", "SizePolicy", "force_media_size",
            "generate_sample", "read_dataset", "sample_rng", "set_video_pixels", "write_dataset"]

@@ -2,6 +2,9 @@
 
 Half the charts print each value above its bar; the others only have a y axis with gridlines, and
 their values are multiples of ``axis_max / 10`` (on a gridline or halfway between two).
+With the ``varied`` style: the font, a painted (light or dark) background and an ink that reads on
+it, bar colours of any hue, gridlines off on some labelled charts, and category labels printed
+upright or turned 90 degrees.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import random
 from PIL import Image, ImageDraw
 
 from . import vocabulary as vocab
-from .common import COLOURS, Sample, SizePolicy, font, phrase, pick_size, text_width
+from .common import COLOURS, Sample, SizePolicy, phrase, pick_size
+from .style import PLAIN, Style, distance, hsv, ink_for, mix, paint, paste_text, region_luminance
 
 VALUE_Q = ["What is the value of {cat}?", "How high is the {cat} bar?", "What value does the {cat} bar show?",
            "Read the value for {cat} from the chart.", "What is the {title} for {cat}?",
@@ -31,7 +35,8 @@ AXIS_MAXES = [10, 20, 50, 100, 200, 500, 1000]
 SHORT_WORDS = [w for w in vocab.WORDS if len(w) <= 5]
 
 
-def generate(rng: random.Random, policy: SizePolicy) -> Sample:
+def generate(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+    text_width = style.width
     w, h = pick_size(rng, policy, aspect=(0.8, 2.2))
     px = max(8, min(28, round(min(w, h) / 18)))
     title = rng.choice(vocab.CHART_TITLES)
@@ -45,32 +50,56 @@ def generate(rng: random.Random, policy: SizePolicy) -> Sample:
     while px > 8 and max(text_width(c, px) for c in cats) > 0.95 * plot_w / n:
         px -= 1
     values = _values(rng, n, axis_max, labelled)
-    image = Image.new("RGB", (w, h), (255, 255, 255))
+    ink, tick, grid, vertical = (0, 0, 0), (60, 60, 60), (215, 215, 215), False
+    if style.plain:
+        image = Image.new("RGB", (w, h), (255, 255, 255))
+    else:
+        longest = max(text_width(c, px) for c in cats)
+        vertical = rng.random() < 0.35 and h - top - int(longest + px) >= 4 * px
+        if vertical:
+            bottom = int(longest + px)
+            plot_h = h - top - bottom
+        image, facts = paint(rng, (w, h))
+        ink = ink_for(rng, region_luminance(image))
+        tick, grid = mix(ink, facts["background_colour"], 0.25), mix(ink, facts["background_colour"], 0.75)
+        grid = grid if not labelled or rng.random() < 0.6 else None
+        style.note(ink=ink, gridlines=grid is not None, vertical_labels=vertical, **facts)
     draw = ImageDraw.Draw(image)
-    f = font(px)
-    draw.text((left, max(1, px // 4)), title, font=f, fill=(0, 0, 0))
+    f = style.font(px)
+    draw.text((left, max(1, px // 4)), title, font=f, fill=ink)
     base = top + plot_h
     for k in range(6):  # gridlines and y tick labels at 0, 1/5 ... 5/5 of axis_max
         y = base - round(plot_h * k / 5)
-        draw.line([left, y, left + plot_w, y], fill=(215, 215, 215))
+        if grid is not None:
+            draw.line([left, y, left + plot_w, y], fill=grid)
+        else:
+            draw.line([left - 3, y, left, y], fill=ink)  # a tick mark
         label = str(axis_max * k // 5)
-        draw.text((left - 4 - text_width(label, px), y - px // 2), label, font=f, fill=(60, 60, 60))
-    draw.line([left, top, left, base], fill=(0, 0, 0))
-    draw.line([left, base, left + plot_w, base], fill=(0, 0, 0))
+        draw.text((left - 4 - text_width(label, px), y - px // 2), label, font=f, fill=tick)
+    draw.line([left, top, left, base], fill=ink)
+    draw.line([left, base, left + plot_w, base], fill=ink)
     slot = plot_w / n
     single = rng.random() < 0.5
     colour = rng.choice(list(COLOURS.values())[:8])
+    palette = list(COLOURS.values())[:8]
+    if not style.plain:
+        palette = _palette(rng, image.getpixel((left + plot_w // 2, top + plot_h // 2)))
+        colour = palette[0]
     bars = []
     for i, (cat, value) in enumerate(zip(cats, values)):
         x0 = left + slot * i + slot * 0.18
         x1 = left + slot * (i + 1) - slot * 0.18
         y0 = min(base - 1, base - round(plot_h * value / axis_max))  # at least one pixel tall
-        draw.rectangle([x0, y0, x1, base - 1], fill=colour if single else list(COLOURS.values())[i % 8])
+        draw.rectangle([x0, y0, x1, base - 1], fill=colour if single else palette[i % len(palette)])
         bars.append([round(x0), y0, round(x1), base])
         cx = left + slot * (i + 0.5)
-        draw.text((cx - text_width(cat, px) / 2, base + px // 3), cat, font=f, fill=(0, 0, 0))
+        if vertical:  # turned 90 degrees, reading upwards, its end just below the axis
+            mask_w = text_width(cat, px)
+            paste_text(image, (cx - mask_w / 2, base + px // 3 + mask_w / 2 - px / 2), cat, f, ink, 90)
+        else:
+            draw.text((cx - text_width(cat, px) / 2, base + px // 3), cat, font=f, fill=ink)
         if labelled:
-            draw.text((cx - text_width(str(value), px) / 2, y0 - px * 1.3), str(value), font=f, fill=(0, 0, 0))
+            draw.text((cx - text_width(str(value), px) / 2, y0 - px * 1.3), str(value), font=f, fill=ink)
     kind = rng.choices(["value", "max", "min"], weights=[6, 2, 2])[0]
     if kind == "value":
         i = rng.randrange(n)
@@ -85,6 +114,18 @@ def generate(rng: random.Random, policy: SizePolicy) -> Sample:
             "axis_max": axis_max, "labelled": labelled, "size": [w, h], "font_px": px,
             "plot": [left, top, left + plot_w, base], "bars": bars}
     return Sample("chart", question, answer, meta, image=image)
+
+
+def _palette(rng: random.Random, background) -> list[tuple[int, int, int]]:
+    """Eight bar colours of evenly spread hues (random start), each far from the background."""
+    h0, sat, val = rng.random(), rng.uniform(0.45, 1.0), rng.uniform(0.45, 0.95)
+    colours = []
+    for k in range(8):
+        colour = hsv(h0 + k * 0.382, sat, val)  # golden-ratio steps: neighbours differ in hue
+        if distance(colour, background) < 90:
+            colour = hsv(h0 + k * 0.382, sat, 1.35 - val)
+        colours.append(colour)
+    return colours
 
 
 def _values(rng: random.Random, n: int, axis_max: int, labelled: bool) -> list[int]:

@@ -14,6 +14,8 @@ Two kinds of sample (``meta.kind``):
 Answers are hermes tool calls (:func:`qwen2vl.agent.tools.format_call`) whose coordinates are the
 box centres normalised with :func:`qwen2vl.agent.grounding.normalize` (``floor(x * 1000 / W)``).
 ``meta.steps`` holds each step with its pixel box (``box_px``, x2/y2 exclusive) for scoring.
+With the ``varied`` style a screen has the sample's font, a tinted light or dark theme whose text
+passes a contrast check, an accent of any hue (white text on it stays readable) and random margins.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from PIL import Image, ImageDraw
 
 from ...agent.grounding import normalize
 from ...agent.tools import format_call
-from .common import Sample, SizePolicy, font, pick_size, text_width
+from .common import Sample, SizePolicy, pick_size
+from .style import PLAIN, Style, contrast, hsv, ink_for, luminance, mix
 
 BUTTONS = ["Submit", "OK", "Cancel", "Save", "Delete", "Next", "Back", "Sign in", "Sign up", "Continue", "Apply",
            "Close", "Send", "Upload", "Download", "Share", "Edit", "Done", "Retry", "Confirm", "Add", "Remove"]
@@ -70,15 +73,20 @@ def size_class(box: list[int], size: tuple[int, int]) -> str:
 class _Screen:
     """Draws elements top to bottom and records each one's label, type and pixel box."""
 
-    def __init__(self, rng: random.Random, size: tuple[int, int], theme: str):
-        self.rng, self.size, self.theme, self.colours = rng, size, theme, THEMES[theme]
-        self.image = Image.new("RGB", size, self.colours["bg"])
-        self.draw = ImageDraw.Draw(self.image)
+    def __init__(self, rng: random.Random, size: tuple[int, int], theme: str, style: Style = PLAIN):
+        self.rng, self.size, self.theme, self.colours, self.style = rng, size, theme, THEMES[theme], style
         w, h = size
         self.px = rng.randint(max(9, min(w, h) // 60), max(10, min(w, h) // 24))  # body font size
         self.accent = rng.choice(ACCENTS)
         self.bold = rng.random() < 0.4
         self.margin = max(6, w // 20)
+        if not style.plain:
+            self.colours, self.accent = varied_theme(rng, theme)
+            self.margin = rng.randint(4, max(6, w // 10))
+            style.note(background="solid", background_colour=self.colours["bg"], ink=self.colours["text"],
+                       accent=self.accent)
+        self.image = Image.new("RGB", size, self.colours["bg"])
+        self.draw = ImageDraw.Draw(self.image)
         self.y = 0
         self.elements: list[dict] = []
         self.used: set[str] = set()
@@ -91,8 +99,9 @@ class _Screen:
 
     def text(self, xy, text: str, px: int, fill, bold: bool | None = None) -> list[int]:
         stroke = 1 if (self.bold if bold is None else bold) and px >= 12 else 0
-        self.draw.text(xy, text, font=font(px), fill=fill, stroke_width=stroke, stroke_fill=fill)
-        left, top, right, bottom = self.draw.textbbox(xy, text, font=font(px), stroke_width=stroke)
+        fnt = self.style.font(px, text)
+        self.draw.text(xy, text, font=fnt, fill=fill, stroke_width=stroke, stroke_fill=fill)
+        left, top, right, bottom = self.draw.textbbox(xy, text, font=fnt, stroke_width=stroke)
         return [int(left), int(top), int(right) + 1, int(bottom) + 1]
 
     def add(self, kind: str, label: str, box: list[int]) -> None:
@@ -122,7 +131,7 @@ class _Screen:
         names = [n for n in MENUS if n not in self.used]
         open_name = self.rng.choice(names) if self.rng.random() < 0.6 else None
         for name in names:
-            width = text_width(name, self.px)
+            width = self.style.width(name, self.px)
             if x + width > w - self.margin:
                 break
             self.used.add(name)
@@ -138,13 +147,13 @@ class _Screen:
         row = int(self.px * 2.2)
         labels = self.fresh(TABS, self.rng.randint(2, 5))
         slot = (w - 2 * self.margin) / len(labels)
-        if min(slot - 0.5 * self.px - text_width(t, self.px) for t in labels) < 0:
+        if min(slot - 0.5 * self.px - self.style.width(t, self.px) for t in labels) < 0:
             return
         active = self.rng.randrange(len(labels))
         for k, label in enumerate(labels):
             x1, x2 = int(self.margin + k * slot), int(self.margin + (k + 1) * slot)
             colour = self.accent if k == active else self.colours["muted"]
-            tx = x1 + (x2 - x1 - text_width(label, self.px)) / 2
+            tx = x1 + (x2 - x1 - self.style.width(label, self.px)) / 2
             self.text((tx, self.y + (row - self.px) // 2), label, self.px, colour)
             if k == active:
                 self.draw.rectangle([x1, self.y + row - 3, x2 - 1, self.y + row - 1], fill=self.accent)
@@ -188,7 +197,7 @@ class _Screen:
         right = self.size[0] - self.margin if right is None else right
         pad_x, height = int(self.px * self.rng.uniform(0.8, 1.6)), int(self.px * self.rng.uniform(1.9, 2.8))
         for k, label in enumerate(labels):
-            width = int(text_width(label, self.px) + 2 * pad_x)
+            width = int(self.style.width(label, self.px) + 2 * pad_x)
             if x + width > right:
                 break
             box = [x, top, x + width, top + height]
@@ -205,7 +214,7 @@ class _Screen:
     def dropdown(self, menu: dict) -> None:
         """The open menu's list, over whatever lies below it; elements it covers are dropped."""
         item_h, w = int(self.px * 1.8), self.size[0]
-        width = int(max(text_width(t, self.px) for t in menu["items"]) + 2 * self.px)
+        width = int(max(self.style.width(t, self.px) for t in menu["items"]) + 2 * self.px)
         x = min(menu["x"], w - width - 1)
         items = [t for k, t in enumerate(menu["items"]) if menu["y"] + (k + 1) * item_h < self.size[1] - 2]
         if not items or x < 0:
@@ -235,15 +244,36 @@ class _Screen:
         self.buttons(labels, top=y + height - int(self.px * 3.2), x0=x + self.px, kind="dialog", right=x + width)
 
 
+def varied_theme(rng: random.Random, theme: str) -> tuple[dict, tuple[int, int, int]]:
+    """A tinted light or dark palette (text contrast >= 7, links >= 4.5) and an accent of any hue
+    on which white text has contrast >= 4.5."""
+    hue, tint = rng.random(), rng.uniform(0.0, 0.3)
+    if theme == "dark":
+        bg = hsv(hue, tint, rng.uniform(0.06, 0.22))
+        panel, field = mix(bg, (255, 255, 255), 0.07), mix(bg, (0, 0, 0), 0.35)
+    else:
+        bg = hsv(hue, tint * 0.5, rng.uniform(0.92, 1.0))
+        panel, field = mix(bg, (0, 0, 0), 0.05), rng.choice([(255, 255, 255), bg])
+    lums = [luminance(c) for c in (bg, panel, field)]
+    lum = (min(lums), max(lums))
+    text = ink_for(rng, lum, 7.0)
+    muted = mix(text, bg, 0.3)
+    if min(contrast(luminance(muted), v) for v in lum) < 3.5:
+        muted = text
+    colours = {"bg": bg, "panel": panel, "text": text, "muted": muted, "border": mix(text, bg, 0.65),
+               "field": field, "link": ink_for(rng, lum, 4.5)}
+    return colours, ink_for(rng, (1.0, 1.0), 4.5)
+
+
 def _overlap(a: list[int], b: list[int]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def screen(rng: random.Random, policy: SizePolicy) -> _Screen:
+def screen(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> _Screen:
     """A random screen with its elements (phone or desktop; light or dark)."""
     phone = rng.random() < 0.45
     size = pick_size(rng, policy, aspect=(0.45, 0.62) if phone else (1.3, 1.8))
-    s = _Screen(rng, size, rng.choice(sorted(THEMES)))
+    s = _Screen(rng, size, rng.choice(sorted(THEMES)), style)
     s.title_bar()
     menu = s.menu_bar() if not phone and rng.random() < 0.4 else None
     if rng.random() < 0.5:
@@ -277,10 +307,10 @@ def _click(box: list[int], size: tuple[int, int]) -> dict:
     return {"action": "click", "coordinate": _centre(box, size)}
 
 
-def generate(rng: random.Random, policy: SizePolicy) -> Sample:
-    s = screen(rng, policy)
+def generate(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+    s = screen(rng, policy, style)
     while not s.elements:  # a screen too small for anything: draw another one
-        s = screen(rng, policy)
+        s = screen(rng, policy, style)
     fields = [e for e in s.elements if e["type"] == "field"]
     buttons = [e for e in s.elements if e["type"] == "button"]
     if fields and buttons and rng.random() < 0.3:

@@ -5,6 +5,9 @@ to 224x224 (the answer's font is at least 8 px there); *small* text is readable 
 10 px) but under 5 px after that squash. Each sample's meta records the answer's ``font_px``, its
 size after the squash ``text_px_224 = font_px * 224 / max(width, height)`` and
 ``small_text = text_px_224 < SMALL_TEXT_PX``, computed from what was actually drawn.
+With the ``varied`` style pages get painted backgrounds (maybe faint clutter), inks of any hue
+that pass a contrast check against the page under the text, random margins, and signs any colours
+and sometimes a slight tilt (``text_box`` is then the tilted text's pixel box).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import random
 from PIL import Image, ImageDraw
 
 from . import vocabulary as vocab
-from .common import Sample, SizePolicy, font, phrase, pick_size, text_width
+from .common import Sample, SizePolicy, phrase, pick_size
+from .style import PLAIN, Style, hsv, ink_for, luminance, paint, paste_text, random_colour, region_luminance
 
 SMALL_TEXT_PX = 6.0  # answer font size (px) after the forced 224x224 resize below which text is "small"
 SMALL_RATE = 0.35  # share of reading samples that ask for small text (when the image can hold it)
@@ -76,12 +80,12 @@ def small_possible(policy: SizePolicy) -> bool:
     return policy.max_side * SMALL_MAX_PX_224 / 224 >= NATIVE_MIN_PX + 1
 
 
-def generate(rng: random.Random, policy: SizePolicy) -> Sample:
+def generate(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
     small = small_possible(policy) and rng.random() < SMALL_RATE
     kind = rng.choices(["document", "receipt", "sign"], weights=[4, 3, 3])[0]
-    sample = {"document": document, "receipt": receipt, "sign": sign}[kind](rng, policy, small)
+    sample = {"document": document, "receipt": receipt, "sign": sign}[kind](rng, policy, small, style)
     if sample is None:  # nothing of the page fitted: a sign always does
-        sample = sign(rng, policy, small)
+        sample = sign(rng, policy, small, style)
     w, h = sample.image.size
     px = sample.meta["font_px"]
     sample.meta.update(size=[w, h], text_px_224=round(text_px_224(px, (w, h)), 2),
@@ -98,25 +102,38 @@ def _long_side(rng: random.Random, policy: SizePolicy, small: bool) -> tuple[int
 
 
 def _write_lines(draw: ImageDraw.ImageDraw, lines: list[tuple[str, int, tuple]], x: int, y: int,
-                 max_w: int, max_y: int, spacing: float = 1.45) -> list[tuple[str, int, list[int]]]:
+                 max_w: int, max_y: int, spacing: float = 1.45,
+                 style: Style = PLAIN) -> list[tuple[str, int, list[int]]]:
     """Draw (text, px, ink) lines down from (x, y); lines too wide are skipped. Returns what was drawn."""
     drawn = []
     for text, px, ink in lines:
         if y + px > max_y:
             break
-        if text and text_width(text, px) <= max_w:
-            draw.text((x, y), text, font=font(px), fill=ink)
-            drawn.append((text, px, _box(draw, (x, y), text, px)))
+        if text and style.width(text, px) <= max_w:
+            draw.text((x, y), text, font=style.font(px, text), fill=ink)
+            drawn.append((text, px, _box(draw, (x, y), text, px, style)))
         y += int(px * spacing)
     return drawn
 
 
-def _box(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, px: int) -> list[int]:
-    x1, y1, x2, y2 = draw.textbbox(xy, text, font=font(px))
+def _box(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, px: int, style: Style = PLAIN) -> list[int]:
+    x1, y1, x2, y2 = draw.textbbox(xy, text, font=style.font(px, text))
     return [int(x1), int(y1), int(x2), int(y2)]
 
 
-def document(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | None:
+def _page(rng: random.Random, size: tuple[int, int], margin: int, style: Style):
+    """Varied style: a painted page, a random text area (x, y, max_w, max_y) and an ink that reads on it."""
+    w, h = size
+    image, facts = paint(rng, size, clutter=0.5)
+    x = rng.randint(2, max(2, min(int(0.3 * w), 3 * margin)))
+    y = rng.randint(2, max(2, min(int(0.3 * h), 3 * margin)))
+    max_w, max_y = w - x - rng.randint(2, max(2, 2 * margin)), h - rng.randint(2, max(2, 2 * margin))
+    ink = ink_for(rng, region_luminance(image, (x, y, x + max(1, max_w), max(y + 1, max_y))))
+    style.note(ink=ink, **facts)
+    return image, (x, y, max_w, max_y), ink
+
+
+def document(rng: random.Random, policy: SizePolicy, small: bool, style: Style = PLAIN) -> Sample | None:
     w, h = pick_size(rng, policy, aspect=(0.6, 1.5), long_side=_long_side(rng, policy, small))
     margin = max(4, int(0.06 * min(w, h)))
     px = pick_font_px(rng, max(w, h), small, cap=max(NATIVE_MIN_PX, (h - 2 * margin) // 5))
@@ -130,9 +147,14 @@ def document(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | No
     lines = [(title, title_px, ink), ("", px, ink)]
     field_lines = {f"{f.capitalize()}: {values[f]}": f for f in fields}
     lines += [(text, px, ink) for text in field_lines]
-    lines += [(_trim(t, px, w - 2 * margin), px, ink) for t in filler]
-    image = Image.new("RGB", (w, h), rng.choice(PAPERS))
-    drawn = _write_lines(ImageDraw.Draw(image), lines, margin, margin, w - 2 * margin, h - margin)
+    lines += [(_trim(t, px, w - 2 * margin, style), px, ink) for t in filler]
+    if style.plain:
+        image = Image.new("RGB", (w, h), rng.choice(PAPERS))
+        drawn = _write_lines(ImageDraw.Draw(image), lines, margin, margin, w - 2 * margin, h - margin)
+    else:
+        image, (x, y, max_w, max_y), ink = _page(rng, (w, h), margin, style)
+        lines = [(text, p, ink) for text, p, _ in lines]
+        drawn = _write_lines(ImageDraw.Draw(image), lines, x, y, max_w, max_y, style=style)
     asked = [(t, p, b) for t, p, b in drawn if t == title or t in field_lines]
     if not asked:
         return None
@@ -148,16 +170,17 @@ def document(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | No
     return Sample("reading", question, answer, meta, image=image)
 
 
-def _trim(text: str, px: int, max_w: int) -> str:
+def _trim(text: str, px: int, max_w: int, style: Style = PLAIN) -> str:
     words = text.split()
-    while words and text_width(" ".join(words), px) > max_w:
+    while words and style.width(" ".join(words), px) > max_w:
         words.pop()
     return " ".join(words)
 
 
-def receipt(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | None:
+def receipt(rng: random.Random, policy: SizePolicy, small: bool, style: Style = PLAIN) -> Sample | None:
     w, h = pick_size(rng, policy, aspect=(0.3, 0.8), long_side=_long_side(rng, policy, small))
-    margin = max(3, int(0.05 * w))
+    margin = max(3, int(0.05 * w)) if style.plain else rng.randint(2, max(3, int(0.12 * w)))
+    text_width = style.width
     px = pick_font_px(rng, max(w, h), small, cap=max(NATIVE_MIN_PX, (h - 2 * margin) // 6))
     items = rng.sample(vocab.GROCERIES, k=rng.randint(2, 7))
     prices = {it: vocab.amount(rng, 0.5, 20) for it in items}
@@ -169,9 +192,14 @@ def receipt(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | Non
     while px > NATIVE_MIN_PX and max(widest, text_width(store, px), text_width(f"TOTAL  {total}", px)) > inner:
         px -= 1
         widest = max(text_width(f"{it}  {p}", px) for it, p in prices.items())
-    image = Image.new("RGB", (w, h), rng.choice(PAPERS[:3]))
+    if style.plain:
+        image = Image.new("RGB", (w, h), rng.choice(PAPERS[:3]))
+        ink = rng.choice(INKS[:2])
+    else:
+        image, facts = paint(rng, (w, h), clutter=0.4)
+        ink = ink_for(rng, region_luminance(image, (margin, margin, w - margin, h - margin)))
+        style.note(ink=ink, **facts)
     draw = ImageDraw.Draw(image)
-    ink = rng.choice(INKS[:2])
     step = int(px * 1.45)
     rows = [(store, None, "store"), (vocab.date(rng), None, None), ("", None, None)]
     rows += [(it, prices[it], it) for it in items] + [("", None, None), ("TOTAL", total, "total")]
@@ -180,13 +208,13 @@ def receipt(rng: random.Random, policy: SizePolicy, small: bool) -> Sample | Non
         if y + px > h - margin:
             break
         if text_width(left, px) + (text_width(f"  {right}", px) if right else 0) <= inner:
-            draw.text((margin, y), left, font=font(px), fill=ink)
+            draw.text((margin, y), left, font=style.font(px, left), fill=ink)
             if right is not None:
                 rx = w - margin - int(math.ceil(text_width(right, px)))
-                draw.text((rx, y), right, font=font(px), fill=ink)
-                drawn[key] = _box(draw, (rx, y), right, px)
+                draw.text((rx, y), right, font=style.font(px, right), fill=ink)
+                drawn[key] = _box(draw, (rx, y), right, px, style)
             elif key:
-                drawn[key] = _box(draw, (margin, y), left, px)
+                drawn[key] = _box(draw, (margin, y), left, px, style)
         y += step
     if not drawn:
         return None
@@ -213,28 +241,37 @@ def _sign_text(rng: random.Random) -> str:
     return vocab.code(rng)
 
 
-def _fit_words(text: str, max_w: float) -> str:
+def _fit_words(text: str, max_w: float, style: Style = PLAIN) -> str:
     """Drop trailing words until the text fits ``max_w`` at the smallest font (one word always stays)."""
     words = text.split()
-    while len(words) > 1 and text_width(" ".join(words), NATIVE_MIN_PX) > max_w:
+    while len(words) > 1 and style.width(" ".join(words), NATIVE_MIN_PX) > max_w:
         words.pop()
     return " ".join(words)
 
 
-def sign(rng: random.Random, policy: SizePolicy, small: bool) -> Sample:
+def sign(rng: random.Random, policy: SizePolicy, small: bool, style: Style = PLAIN) -> Sample:
     """A sign filling the image, or (small text) a small sign somewhere in a large scene."""
     text = _sign_text(rng)
     bg, ink = rng.choice(SIGN_STYLES)
+    text_width, angle = style.width, 0.0
+    if not style.plain:
+        bg = hsv(rng.random(), rng.uniform(0.0, 1.0), rng.uniform(0.15, 1.0))
+        ink = ink_for(rng, (luminance(bg),) * 2)
+        angle = rng.uniform(-6.0, 6.0) if not small and rng.random() < 0.4 else 0.0
+        style.note(background="sign", background_colour=bg, ink=ink, angle=round(angle, 2))
     if small:
         w, h = pick_size(rng, policy, aspect=(0.6, 2.0), long_side=_long_side(rng, policy, True))
-        text = _fit_words(text, 0.8 * w)
+        text = _fit_words(text, 0.8 * w, style)
         px = pick_font_px(rng, max(w, h), True, cap=max(NATIVE_MIN_PX, h // 4))
         while px > NATIVE_MIN_PX and text_width(text, px) > 0.8 * w:
             px -= 1
-        image = Image.new("RGB", (w, h), (170, 200, 235))
+        sky, ground = (170, 200, 235), rng.choice([(120, 150, 100), (140, 140, 140), (190, 170, 130)])
+        if not style.plain:
+            sky, ground = random_colour(rng), random_colour(rng)
+        image = Image.new("RGB", (w, h), sky)
         draw = ImageDraw.Draw(image)
         horizon = int(h * rng.uniform(0.4, 0.8))
-        draw.rectangle([0, horizon, w, h], fill=rng.choice([(120, 150, 100), (140, 140, 140), (190, 170, 130)]))
+        draw.rectangle([0, horizon, w, h], fill=ground)
         pad = max(2, px // 2)
         tw = int(math.ceil(text_width(text, px)))
         sw, sh = tw + 2 * pad, px + 2 * pad
@@ -242,27 +279,32 @@ def sign(rng: random.Random, policy: SizePolicy, small: bool) -> Sample:
         y0 = rng.randint(0, max(0, h - sh - 1))
     else:
         w, h = pick_size(rng, policy, aspect=(0.8, 4.0))
-        text = _fit_words(text, 0.84 * w)
-        px = fit_sign_px(text, w, h)
+        text = _fit_words(text, 0.84 * w, style)
+        px = fit_sign_px(text, w, h, style)
+        if angle:  # room for the tilt
+            px = max(NATIVE_MIN_PX, int(px * 0.85))
         pad = max(2, int(0.08 * min(w, h)))
         x0, y0, sw, sh = 0, 0, w, h
         image = Image.new("RGB", (w, h), bg)
         draw = ImageDraw.Draw(image)
     draw.rectangle([x0, y0, x0 + sw - 1, y0 + sh - 1], fill=bg, outline=ink, width=max(1, px // 12))
     tw = text_width(text, px)
-    _, top, _, bottom = font(px).getbbox(text)
+    _, top, _, bottom = style.font(px, text).getbbox(text)
     tx = x0 + int((sw - tw) / 2)
     ty = y0 + int((sh - (bottom + top)) / 2)
-    draw.text((tx, ty), text, font=font(px), fill=ink)
+    if angle:
+        box = paste_text(image, (tx, ty), text, style.font(px, text), ink, angle)
+    else:
+        draw.text((tx, ty), text, font=style.font(px, text), fill=ink)
+        box = _box(draw, (tx, ty), text, px, style)
     question, pid = phrase(rng, "reading/sign", SIGN_Q)
-    return Sample("reading", question, text, {"kind": "sign", "phrasing": pid, "font_px": px,
-                                           "text_box": _box(draw, (tx, ty), text, px)},
+    return Sample("reading", question, text, {"kind": "sign", "phrasing": pid, "font_px": px, "text_box": box},
                   image=image)
 
 
-def fit_sign_px(text: str, w: int, h: int) -> int:
+def fit_sign_px(text: str, w: int, h: int, style: Style = PLAIN) -> int:
     """The largest font whose text fits 84 % of the width and 60 % of the height (at least NATIVE_MIN_PX)."""
     px = max(NATIVE_MIN_PX, int(0.6 * h))
-    while px > NATIVE_MIN_PX and text_width(text, px) > 0.84 * w:
-        px = max(NATIVE_MIN_PX, min(px - 1, int(px * 0.84 * w / text_width(text, px))))
+    while px > NATIVE_MIN_PX and style.width(text, px) > 0.84 * w:
+        px = max(NATIVE_MIN_PX, min(px - 1, int(px * 0.84 * w / style.width(text, px))))
     return px

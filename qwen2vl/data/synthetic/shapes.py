@@ -4,6 +4,9 @@ Shapes are drawn without anti-aliasing through a cached mask per (shape, side), 
 pixel has exactly the shape's colour and each object's box is the mask's exact pixel bounding
 box (edge coordinates: x2, y2 exclusive). Objects never overlap and keep a gap of at least 2 px.
 Grounding answers use :func:`qwen2vl.agent.grounding.normalize_coords` (``floor(x * 1000 / W)``).
+With the ``varied`` style the background is any solid, gradient or textured colour at least
+``MIN_COLOUR_DIST`` from every named shape colour, shapes may have a darker outline (inside their box)
+and counting/grounding shapes come in a wider range of sizes.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import functools
 import math
 import random
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from ...agent.grounding import format_box, normalize_coords
 from .common import BACKGROUNDS, COLOURS, Sample, SizePolicy, phrase, pick_size, plural
+from .style import PLAIN, Style, mix, paint
 
 SHAPES = ["circle", "square", "triangle", "star", "diamond", "hexagon"]
 MIN_SIDE = 12  # smallest shape drawn (px)
 GAP = 2
+MIN_COLOUR_DIST = 70  # varied backgrounds keep this RGB distance from every named shape colour
 
 COUNT_Q = ["How many {things} are there?", "How many {things} are in the image?", "Count the {things}.",
            "How many {things} can you see?", "What is the number of {things}?", "Count the {things} in the picture.",
@@ -103,12 +108,47 @@ def _find_spot(rng: random.Random, size: tuple[int, int], side: int,
     return None
 
 
-def render(size: tuple[int, int], objects: list[dict], background: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", size, background)
+@functools.lru_cache(maxsize=4096)
+def ring_mask(shape: str, side: int, width: int) -> Image.Image:
+    """The outer ``width`` px of the shape's mask: its outline, inside its box."""
+    mask, _ = shape_mask(shape, side)
+    return ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(2 * width + 1)))
+
+
+def outline_width(outline: int, side: int) -> int:
+    return min(outline, max(1, side // 10)) if outline else 0
+
+
+def render(size: tuple[int, int], objects: list[dict], background, outline: int = 0) -> Image.Image:
+    """The scene on ``background`` (a colour or an image of ``size``); ``outline``: px of darker edge."""
+    image = background.copy() if isinstance(background, Image.Image) else Image.new("RGB", size, background)
     for o in objects:
         mask, _ = shape_mask(o["shape"], o["side"])
         x, y = o["xy"]
-        image.paste(COLOURS[o["colour"]], (x, y, x + o["side"], y + o["side"]), mask)
+        area = (x, y, x + o["side"], y + o["side"])
+        image.paste(COLOURS[o["colour"]], area, mask)
+        if width := outline_width(outline, o["side"]):
+            image.paste(mix(COLOURS[o["colour"]], (0, 0, 0), 0.45), area, ring_mask(o["shape"], o["side"], width))
+    return image
+
+
+def look(rng: random.Random, style: Style) -> tuple[int, float]:
+    """(outline px, shape size scale) of a sample: (0, 1.0) for plain, drawn from ``rng`` for varied."""
+    if style.plain:
+        return 0, 1.0
+    outline, scale = rng.choice([0, 0, 1, 2, 3]), rng.uniform(0.45, 1.0)
+    style.facts.pop("font", None)  # no text in these scenes
+    style.note(outline=outline)
+    return outline, scale
+
+
+def background(rng: random.Random, size: tuple[int, int], style: Style):
+    """The scene's background: a light colour from BACKGROUNDS (plain) or a painted image (varied)."""
+    if style.plain:
+        return rng.choice(BACKGROUNDS)
+    image, facts = paint(rng, size, avoid=list(COLOURS.values()), min_dist=MIN_COLOUR_DIST, dark=rng.random() < 0.25,
+                         dark_tone=(0.3, 0.35, 0.6))  # dark scenes are slate: far from black and brown
+    style.note(**facts)
     return image
 
 
@@ -130,7 +170,8 @@ def _other(rng: random.Random, avoid) -> tuple[str, str]:
             return colour, shape
 
 
-def counting(rng: random.Random, policy: SizePolicy) -> Sample:
+def counting(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+    outline, scale = look(rng, style)
     mode = rng.choices(["combo", "shape", "colour", "all"], weights=[4, 3, 2, 1])[0]
     colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
     size = pick_size(rng, policy, aspect=(0.5, 2.0))
@@ -149,8 +190,8 @@ def counting(rng: random.Random, policy: SizePolicy) -> Sample:
                 shape if mode in ("combo", "shape") else rng.choice(SHAPES)) for _ in range(k)]
     specs = targets + [_other(rng, matches) for _ in range(m)]
     rng.shuffle(specs)
-    objects = place(rng, size, specs, _max_side(size, len(specs)))
-    image = render(size, objects, rng.choice(BACKGROUNDS))
+    objects = place(rng, size, specs, max(MIN_SIDE, int(_max_side(size, len(specs)) * scale)))
+    image = render(size, objects, background(rng, size, style), outline)
     question, pid = phrase(rng, f"counting/{mode}", COUNT_Q, things=things)
     count = sum(matches(o["colour"], o["shape"]) for o in objects)
     target = {"colour": colour if mode in ("combo", "colour") else None,
@@ -160,14 +201,15 @@ def counting(rng: random.Random, policy: SizePolicy) -> Sample:
     return Sample("counting", question, str(count), meta, image=image)
 
 
-def grounding(rng: random.Random, policy: SizePolicy) -> Sample:
+def grounding(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+    outline, scale = look(rng, style)
     colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
     size = pick_size(rng, policy, aspect=(0.5, 2.0))
     m = rng.randint(0, max(0, min(7, _capacity(*size) - 1)))
     specs = [(colour, shape)] + [_other(rng, lambda c, s: c == colour and s == shape) for _ in range(m)]
     rng.shuffle(specs)
-    objects = place(rng, size, specs, _max_side(size, len(specs)))
-    image = render(size, objects, rng.choice(BACKGROUNDS))
+    objects = place(rng, size, specs, max(MIN_SIDE, int(_max_side(size, len(specs)) * scale)))
+    image = render(size, objects, background(rng, size, style), outline)
     target = next(o for o in objects if (o["colour"], o["shape"]) == (colour, shape))
     label = f"{colour} {shape}"
     box = normalize_coords(target["box"], size)
@@ -187,16 +229,17 @@ SHAPE_Q = ["What shape is this?", "Which shape is shown?", "What is the shape?",
            "What kind of shape is in the image?"]
 
 
-def basics(rng: random.Random, policy: SizePolicy) -> Sample:
+def basics(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
     """Large, clear items for the start of training: the colour or the kind of one big shape, or a
     count of one to four big shapes (each side at least a quarter of the image's short side where they fit)."""
+    outline, _ = look(rng, style)  # basics keep their big shapes
     size = pick_size(rng, policy, aspect=(0.6, 1.6))
     mode = rng.choice(["colour", "shape", "count"])
     n = rng.randint(1, 4) if mode == "count" else 1
     specs = [(rng.choice(sorted(COLOURS)), rng.choice(SHAPES)) for _ in range(n)]
     side = max(MIN_SIDE, int(min(size) * (0.6 if n == 1 else 0.3)))
     objects = place(rng, size, specs, side, min_side=max(MIN_SIDE, min(size) // 4))
-    image = render(size, objects, rng.choice(BACKGROUNDS))
+    image = render(size, objects, background(rng, size, style), outline)
     if mode == "colour":
         question, pid = phrase(rng, "basics/colour", COLOUR_Q)
         answer = objects[0]["colour"]

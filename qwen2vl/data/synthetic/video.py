@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import random
 
-from .common import BACKGROUNDS, COLOURS, Sample, SizePolicy, phrase, pick_size
-from .shapes import MIN_SIDE, SHAPES, place, render, shape_mask
+from .common import COLOURS, Sample, SizePolicy, phrase, pick_size
+from .shapes import MIN_SIDE, SHAPES, background, look, place, render, shape_mask
+from .style import PLAIN, Style
 
 FPS = 2.0
 MAX_VIDEO_SIDE = 480  # frames are cheaper than images: the long side stays within this
@@ -30,20 +31,21 @@ LAST_Q = ["Which shape appears last?", "What appears last in the video?", "Which
           "What is the last object to show up in the clip?", "Which of the shapes appears last?"]
 
 
-def generate(rng: random.Random, policy: SizePolicy) -> Sample:
+def generate(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+    outline, _ = look(rng, style)
     n_frames = rng.choice([4, 6, 8])
     w, h = pick_size(rng, policy, aspect=(0.6, 1.8), long_side=(policy.min_side, MAX_VIDEO_SIDE))
     size = (w - w % 2, h - h % 2)
     kind = rng.choices(["direction", "first", "last"], weights=[2, 1, 1])[0]
     if kind == "direction":
-        frames, question, answer, meta = _direction(rng, size, n_frames)
+        frames, question, answer, meta = _direction(rng, size, n_frames, style, outline)
     else:
-        frames, question, answer, meta = _order(rng, size, n_frames, kind)
+        frames, question, answer, meta = _order(rng, size, n_frames, kind, style, outline)
     meta.update(kind=kind, n_frames=n_frames, size=list(size), fps=FPS)
     return Sample("video", question, answer, meta, frames=frames)
 
 
-def _direction(rng: random.Random, size: tuple[int, int], n_frames: int):
+def _direction(rng: random.Random, size: tuple[int, int], n_frames: int, style: Style, outline: int):
     w, h = size
     colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
     direction = rng.choice(sorted(DIRECTIONS))
@@ -70,8 +72,8 @@ def _direction(rng: random.Random, size: tuple[int, int], n_frames: int):
         statics = place(rng, size, others, max(MIN_SIDE, side), occupied=(swept,))
     except ValueError:  # no room beside the path: a clip with the moving shape alone
         statics = []
-    background = rng.choice(BACKGROUNDS)
-    frames = [render(size, statics + [{"colour": colour, "shape": shape, "side": side, "xy": xy}], background)
+    paper = background(rng, size, style)
+    frames = [render(size, statics + [{"colour": colour, "shape": shape, "side": side, "xy": xy}], paper, outline)
               for xy in path]
     label = f"{colour} {shape}"
     question, pid = phrase(rng, "video/direction", DIRECTION_Q, label=label)
@@ -81,7 +83,7 @@ def _direction(rng: random.Random, size: tuple[int, int], n_frames: int):
     return frames, question, direction, meta
 
 
-def _order(rng: random.Random, size: tuple[int, int], n_frames: int, kind: str):
+def _order(rng: random.Random, size: tuple[int, int], n_frames: int, kind: str, style: Style, outline: int):
     k = rng.randint(2, min(4, n_frames))
     specs: list[tuple[str, str]] = []
     while len(specs) < k:
@@ -90,8 +92,8 @@ def _order(rng: random.Random, size: tuple[int, int], n_frames: int, kind: str):
             specs.append(spec)
     appear = sorted([0] + rng.sample(range(1, n_frames), k - 1))  # distinct frames; the first at frame 0
     objects = place(rng, size, specs, max(MIN_SIDE, int(min(size) * 0.25)))
-    background = rng.choice(BACKGROUNDS)
-    frames = [render(size, [o for o, a in zip(objects, appear) if a <= t], background) for t in range(n_frames)]
+    paper = background(rng, size, style)
+    frames = [render(size, [o for o, a in zip(objects, appear) if a <= t], paper, outline) for t in range(n_frames)]
     labels = [f"{c} {s}" for c, s in specs]
     answer = labels[0] if kind == "first" else labels[-1]
     question, pid = phrase(rng, f"video/{kind}", FIRST_Q if kind == "first" else LAST_Q)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import charts, gui, reading, shapes, video
 from .common import Sample, SizePolicy, sample_rng, size_policy
+from .style import make_style
 
 TASKS = {
     "reading": reading.generate,
@@ -55,13 +56,22 @@ def task_mix(tasks: Sequence[str] | Mapping[str, float] | None) -> dict[str, flo
 
 
 def generate_sample(index: int, seed: int, split: str = "train", tasks=None,
-                    image_size_policy: str | SizePolicy = "varied") -> Sample:
-    """Sample ``index`` of ``(split, seed)``: a pure function of its arguments."""
+                    image_size_policy: str | SizePolicy = "varied", style: str = "plain") -> Sample:
+    """Sample ``index`` of ``(split, seed)``: a pure function of its arguments.
+
+    ``style``: "plain" (the original look, byte for byte) or "varied" (fonts, colours, backgrounds,
+    layouts drawn from the same rng; its facts are in ``meta["style"]``), see :mod:`.style`.
+    """
     mix = task_mix(tasks)
     rng = sample_rng(split, seed, index)
     names = sorted(mix)
     task = rng.choices(names, weights=[mix[t] for t in names])[0]
-    return TASKS[task](rng, size_policy(image_size_policy).for_task(task))
+    look = make_style(style, rng, split)
+    if look.plain:
+        return TASKS[task](rng, size_policy(image_size_policy).for_task(task))
+    sample = TASKS[task](rng, size_policy(image_size_policy).for_task(task), look)
+    sample.meta["style"] = dict(look.facts)
+    return sample
 
 
 def to_record(sample: Sample, sample_id: str, media: str | list[str]) -> dict:
@@ -123,8 +133,8 @@ def write_mp4(frames, path: str | os.PathLike, fps: float = video.FPS) -> None:
 
 
 def _write_one(job: tuple) -> dict:
-    index, seed, split, mix, policy, out_dir, width, video_format, force_size, video_pixels = job
-    sample = generate_sample(index, seed, split, mix, policy)
+    index, seed, split, mix, policy, out_dir, width, video_format, force_size, video_pixels, style = job
+    sample = generate_sample(index, seed, split, mix, policy, style)
     stem = f"{index:0{width}d}"
     if sample.frames is None:
         media = f"images/{stem}.png"
@@ -145,28 +155,30 @@ def _write_one(job: tuple) -> dict:
 def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, *, split: str = "train", tasks=None,
                   image_size_policy: str | SizePolicy = "varied", force_size: tuple[int, int] | None = None,
                   video_format: str = "frames", video_pixels: tuple[int, int] | None = None, workers: int = 1,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, style: str = "plain") -> Path:
     """Write samples 0..n-1 of ``(split, seed)`` to ``out_dir/data.jsonl`` and media files; return its path.
 
     ``tasks``: names or {name: weight} (default DEFAULT_MIX). ``image_size_policy``: "varied"
     (sides 100-1200), "compact" (100-512) or a SizePolicy. ``force_size``: (width, height) for
     the resolution ablation. ``video_format``: "frames" (PNG list) or "mp4". ``video_pixels``:
-    (min_pixels, max_pixels) per video frame. ``workers``:
-    processes; the output is identical for any number of workers.
+    (min_pixels, max_pixels) per video frame. ``style``: "plain" or "varied" (see
+    :func:`generate_sample`). ``workers``: processes; the output is identical for any number of workers.
     """
     if n < 0:
         raise ValueError(f"number of samples must be >= 0, got {n}")
     if video_format not in ("frames", "mp4"):
         raise ValueError(f"video_format must be 'frames' or 'mp4', got {video_format!r}")
     mix, policy = task_mix(tasks), size_policy(image_size_policy)
-    sample_rng(split, seed, 0)  # validates the split before any work
+    sample_rng(split, seed, 0)  # validates the split and style before any work
+    make_style(style, sample_rng(split, seed, 0), split)
     out = Path(out_dir)
     for sub in ("images", "frames", "videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     width = max(6, len(str(max(n - 1, 0))))
     if video_pixels:
         set_video_pixels({"messages": []}, video_pixels)  # validates before any work
-    jobs = [(i, seed, split, mix, policy, str(out), width, video_format, force_size, video_pixels) for i in range(n)]
+    jobs = [(i, seed, split, mix, policy, str(out), width, video_format, force_size, video_pixels, style)
+            for i in range(n)]
     counts: dict[str, int] = {}
     tmp = out / "data.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f, tqdm(total=n, desc=f"synthetic {split}", disable=not progress,
@@ -182,6 +194,8 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, *, split: str =
                 "force_size": list(force_size) if force_size else None, "video_format": video_format,
                 "video_pixels": list(video_pixels) if video_pixels else None,
                 "task_counts": counts}
+    if style != "plain":  # plain manifests stay as they were
+        manifest["style"] = style
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out / "data.jsonl"
 
