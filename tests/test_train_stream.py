@@ -64,8 +64,22 @@ def test_force_size_and_video_pixels_reach_the_records(tmp_path, encode):
         224, 224, 6272, 12544)
 
 
+def test_style_is_set_globally_and_per_phase(tmp_path, encode):
+    stream = SyntheticStream(write_spec(tmp_path / "mix.yaml", style="varied",
+                                        phases=[{"rows": 1, "tasks": {"basics": 1}, "style": "plain"},
+                                                {"rows": 1, "tasks": {"basics": 1}}]), encode, SEQ_LEN)
+    assert [stream.settings_at(g).style for g in range(3)] == ["plain", "varied", "varied"]
+    plain, varied = (stream.record(g * ROW_STRIDE, stream.settings_at(g)) for g in (0, 2))
+    assert "style" not in plain["meta"] and "style" in varied["meta"]
+    assert "varied style" in stream.summary()
+    default = SyntheticStream(write_spec(tmp_path / "plain.yaml"), encode, SEQ_LEN)
+    assert {default.settings_at(g).style for g in range(3)} == {"plain"}  # unchanged for specs without it
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"size_policy": "huge"}, "size_policy 'huge' is not one of"),
+    ({"style": "fancy"}, "style 'fancy' is not one of ['plain', 'varied']"),
+    ({"phases": [{"rows": 1, "style": "noisy"}]}, "phase 1: style 'noisy' is not one of"),
     ({"colours": 3}, "unknown key(s) ['colours']"),
     ({"tasks": {"juggling": 1}}, "unknown or no tasks ['juggling']"),
     ({"phases": [{"tasks": {"basics": 1}}]}, "phase 1 needs rows >= 1"),

@@ -7,10 +7,11 @@ A stream is given as a YAML file in place of the JSONL data (``data: mix.yaml``)
       seed: 0
       tasks: {reading: 0.3, counting: 0.2, grounding: 0.2, chart: 0.1, video: 0.1, gui: 0.1}
       size_policy: per-task          # a name of qwen2vl.data.synthetic.SIZE_POLICIES
+      style: varied                  # generator look: plain (default, the original) or varied (STYLES)
       video_pixels: [3136, 50176]    # per-frame pixel budget of videos (optional)
       force_size: [224, 224]         # every image and frame squashed to this size (optional, ablation)
       phases:                        # optional curriculum: the first 2000 rows use other settings
-        - {rows: 2000, tasks: {basics: 1}}
+        - {rows: 2000, tasks: {basics: 1}, style: plain}
 
 Row ``g`` holds samples ``g * ROW_STRIDE + j`` (j = 0, 1, ...) of ``(split, seed)``, taken while they fit
 in ``seq_len`` tokens: the first that does not fit ends the row and is never used. So a row depends on
@@ -25,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.synthetic import SIZE_POLICIES, force_media_size, generate_sample, set_video_pixels
+from ..data.synthetic import SIZE_POLICIES, STYLES, force_media_size, generate_sample, set_video_pixels
 from ..data.synthetic.writer import task_mix, to_record
 from ..processing.sources import MediaError
 from .dataset import DataError
 
 ROW_STRIDE = 256  # sample indices reserved per row (a row never holds that many)
-SETTINGS = ("tasks", "size_policy", "video_pixels", "force_size")
+SETTINGS = ("tasks", "size_policy", "video_pixels", "force_size", "style")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Settings:
     size_policy: str
     video_pixels: tuple[int, int] | None
     force_size: tuple[int, int] | None
+    style: str = "plain"
 
 
 def is_stream_spec(path: str | Path) -> bool:
@@ -60,6 +62,9 @@ def _settings(raw: dict, base: Settings | None, where: str) -> Settings:
     values["size_policy"] = values["size_policy"] or "varied"
     if values["size_policy"] not in SIZE_POLICIES:
         raise DataError(f"{where}: size_policy {values['size_policy']!r} is not one of {sorted(SIZE_POLICIES)}")
+    values["style"] = values["style"] or "plain"
+    if values["style"] not in STYLES:
+        raise DataError(f"{where}: style {values['style']!r} is not one of {list(STYLES)}")
     for key in ("video_pixels", "force_size"):
         value = values[key]
         if value is not None:
@@ -102,7 +107,7 @@ class SyntheticStream:
 
     def record(self, index: int, settings: Settings) -> dict:
         """The message record of sample ``index`` (media as in-memory images)."""
-        sample = generate_sample(index, self.seed, self.split, settings.tasks, settings.size_policy)
+        sample = generate_sample(index, self.seed, self.split, settings.tasks, settings.size_policy, settings.style)
         media = sample.frames if sample.frames is not None else sample.image
         record = to_record(sample, f"{self.split}-{self.seed}-{index}", media)
         if settings.video_pixels:
@@ -139,6 +144,6 @@ class SyntheticStream:
         return samples
 
     def summary(self) -> str:
-        phases = "".join(f"; rows < {end}: {s.tasks}, {s.size_policy}" for end, s in self.phases)
+        phases = "".join(f"; rows < {end}: {s.tasks}, {s.size_policy}, {s.style} style" for end, s in self.phases)
         return (f"generated on the fly ({self.split} split, seed {self.seed}): {self.settings.tasks}, "
-                f"size policy {self.settings.size_policy}{phases}")
+                f"size policy {self.settings.size_policy}, {self.settings.style} style{phases}")
