@@ -79,6 +79,7 @@ def test_style_is_set_globally_and_per_phase(tmp_path, encode):
 @pytest.mark.parametrize("changes, message", [
     ({"size_policy": "huge"}, "size_policy 'huge' is not one of"),
     ({"style": "fancy"}, "style 'fancy' is not one of ['plain', 'varied']"),
+    ({"packing": "tight"}, "packing 'tight' is not one of ['first', 'fill']"),
     ({"phases": [{"rows": 1, "style": "noisy"}]}, "phase 1: style 'noisy' is not one of"),
     ({"colours": 3}, "unknown key(s) ['colours']"),
     ({"tasks": {"juggling": 1}}, "unknown or no tasks ['juggling']"),
@@ -113,6 +114,23 @@ def test_samples_over_seq_len_are_passed_over(tmp_path, encode, budgeted):
     assert [s.input_ids.tolist() for s in again] == [s.input_ids.tolist() for s in row]
     with pytest.raises(DataError, match=r"mix.yaml: no sample of row 0 fits in seq_len 5; raise seq_len"):
         SyntheticStream(spec, limited, 5).row(0)
+
+
+def test_fill_packing_passes_over_what_does_not_fit(tmp_path, encode):
+    """``packing: fill`` rows: a prefix equal to the ``first`` row, then only later samples that fit,
+    the same every time; the first ``first`` row's unfilled room is never larger."""
+    first = SyntheticStream(write_spec(tmp_path / "a.yaml", phases=[]), encode, SEQ_LEN)
+    fill = SyntheticStream(write_spec(tmp_path / "b.yaml", phases=[], packing="fill"), encode, SEQ_LEN)
+    assert fill.settings.packing == "fill" and "fill packing" in fill.summary()
+    longer = 0
+    for g in range(6):
+        a, b = first.row(g), fill.row(g)
+        ids = lambda row: [s.input_ids.tolist() for s in row]  # noqa: E731
+        assert ids(b)[:len(a)] == ids(a) and ids(fill.row(g)) == ids(b)
+        used = [sum(int(s.input_ids.numel()) for s in row) for row in (a, b)]
+        assert used[0] <= used[1] <= SEQ_LEN
+        longer += len(b) > len(a)
+    assert longer > 0
 
 
 def test_training_on_a_stream_resumes_exactly(tmp_path):

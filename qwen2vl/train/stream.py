@@ -10,11 +10,15 @@ A stream is given as a YAML file in place of the JSONL data (``data: mix.yaml``)
       style: varied                  # generator look: plain (default, the original) or varied (STYLES)
       video_pixels: [3136, 50176]    # per-frame pixel budget of videos (optional)
       force_size: [224, 224]         # every image and frame squashed to this size (optional, ablation)
+      packing: fill                  # first (default): a row ends at the first sample that does not fit;
+                                     # fill: such samples are passed over and later ones tried (fewer pads)
       phases:                        # optional curriculum: the first 2000 rows use other settings
         - {rows: 2000, tasks: {basics: 1}, style: plain}
 
 Row ``g`` holds samples ``g * ROW_STRIDE + j`` (j = 0, 1, ...) of ``(split, seed)``, taken while they fit
-in ``seq_len`` tokens: the first that does not fit ends the row and is never used. So a row depends on
+in ``seq_len`` tokens: with ``packing: first`` the first that does not fit ends the row and is never
+used; with ``packing: fill`` it is passed over and the next ones are tried, until ``FILL_MISSES`` have
+not fitted (the rows carry fewer pads; the row's tail leans to short samples: measure the mix). So a row depends on
 nothing but ``g``: a resumed run reads exactly the rows an uninterrupted one would, on any number of
 processes, and no data set is written or measured up front. Phases are chosen by ``g`` as well.
 """
@@ -32,7 +36,9 @@ from ..processing.sources import MediaError
 from .dataset import DataError
 
 ROW_STRIDE = 256  # sample indices reserved per row (a row never holds that many)
-SETTINGS = ("tasks", "size_policy", "video_pixels", "force_size", "style")
+SETTINGS = ("tasks", "size_policy", "video_pixels", "force_size", "style", "packing")
+PACKINGS = ("first", "fill")
+FILL_MISSES = 6  # packing "fill": samples passed over in a row before it ends
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Settings:
     video_pixels: tuple[int, int] | None
     force_size: tuple[int, int] | None
     style: str = "plain"
+    packing: str = "first"
 
 
 def is_stream_spec(path: str | Path) -> bool:
@@ -65,6 +72,9 @@ def _settings(raw: dict, base: Settings | None, where: str) -> Settings:
     values["style"] = values["style"] or "plain"
     if values["style"] not in STYLES:
         raise DataError(f"{where}: style {values['style']!r} is not one of {list(STYLES)}")
+    values["packing"] = values["packing"] or "first"
+    if values["packing"] not in PACKINGS:
+        raise DataError(f"{where}: packing {values['packing']!r} is not one of {list(PACKINGS)}")
     for key in ("video_pixels", "force_size"):
         value = values[key]
         if value is not None:
@@ -122,7 +132,7 @@ class SyntheticStream:
         A sample longer than ``seq_len`` by itself (a big image under a small ``seq_len``) is passed
         over, as a pure function of its index like everything else; a row that ends up empty is an error.
         """
-        settings, samples, used = self.settings_at(g), [], 0
+        settings, samples, used, misses = self.settings_at(g), [], 0, 0
         for j in range(ROW_STRIDE):
             index = g * ROW_STRIDE + j
             try:
@@ -135,7 +145,10 @@ class SyntheticStream:
             if n > self.seq_len:
                 continue
             if used + n > self.seq_len:
-                break
+                misses += 1
+                if settings.packing == "first" or misses == FILL_MISSES:
+                    break
+                continue
             samples.append(sample)
             used += n
         if not samples:
@@ -144,6 +157,8 @@ class SyntheticStream:
         return samples
 
     def summary(self) -> str:
-        phases = "".join(f"; rows < {end}: {s.tasks}, {s.size_policy}, {s.style} style" for end, s in self.phases)
-        return (f"generated on the fly ({self.split} split, seed {self.seed}): {self.settings.tasks}, "
-                f"size policy {self.settings.size_policy}, {self.settings.style} style{phases}")
+        def describe(s: Settings) -> str:
+            return f"{s.tasks}, size policy {s.size_policy}, {s.style} style, {s.packing} packing"
+
+        phases = "".join(f"; rows < {end}: {describe(s)}" for end, s in self.phases)
+        return f"generated on the fly ({self.split} split, seed {self.seed}): {describe(self.settings)}{phases}"
