@@ -9,7 +9,13 @@ from oracle import pixels, prompt, tiny_config
 
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.model.qwen2vl import Qwen2VL
-from qwen2vl.train.loss import LossModel, sample_weight_sum, supervised_loss_sum, token_weights
+from qwen2vl.train.loss import (
+    LossModel,
+    answer_lengths,
+    answer_weight_sum,
+    supervised_loss_sum,
+    token_weights,
+)
 from qwen2vl.train.packing import IGNORE, PackedStream, collate, pack_in_order
 
 
@@ -84,8 +90,8 @@ def test_weighted_packed_loss_equals_per_sample_weighting(model, power):
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5, msg=name)
     answers = [answer for _, answer in SAMPLES]
-    assert sample_weight_sum(answers, power) == pytest.approx(sum(n ** (1 - power) for n in answers))
-    assert sample_weight_sum(answers + [0], 1.0) == len(answers)  # a sample with no answer weighs nothing
+    assert answer_weight_sum(answers, power) == pytest.approx(sum(n ** (1 - power) for n in answers))
+    assert answer_weight_sum(answers + [0], 1.0) == len(answers)  # a sample with no answer weighs nothing
 
 
 def test_token_weights_per_segment():
@@ -96,6 +102,20 @@ def test_token_weights_per_segment():
     torch.testing.assert_close(w, torch.tensor([[1, 0, 1 / 3, 1 / 3, 1 / 3, 0], [0.5, 0.5, 0, 0, 0, 0]]))
     # the same segment number in two rows is two samples
     assert w[0, :5].sum() == pytest.approx(2.0) and w[1].sum() == pytest.approx(1.0)
+
+
+def test_each_reply_of_a_multi_turn_sample_is_one_answer():
+    """Two replies in one sample weigh as two answers (each its tokens' unit), as the trainer counts them."""
+    labels = torch.tensor([IGNORE, IGNORE, 4, 5, 6, IGNORE, IGNORE, 7, IGNORE, 8, 9])  # unshifted, one sample
+    assert answer_lengths(labels) == [3, 1, 2]
+    targets = torch.cat([labels[1:], torch.tensor([IGNORE])])[None]  # shifted as in a packed row
+    w = token_weights(targets, torch.ones_like(targets), 1.0)
+    torch.testing.assert_close(w[0, 1:4], torch.full((3,), 1 / 3))
+    assert w[0, 6] == 1.0 and w[0, 8:10].tolist() == [0.5, 0.5]
+    assert w.sum() == pytest.approx(answer_weight_sum(answer_lengths(labels), 1.0)) == 3
+    # the same tokens as three samples get the same weights
+    three = token_weights(targets, torch.tensor([[1] * 5 + [2] * 3 + [3] * 3]), 1.0)
+    torch.testing.assert_close(three, w)
 
 
 def test_positions_restart_per_sample(model):

@@ -80,6 +80,7 @@ def test_style_is_set_globally_and_per_phase(tmp_path, encode):
     ({"size_policy": "huge"}, "size_policy 'huge' is not one of"),
     ({"style": "fancy"}, "style 'fancy' is not one of ['plain', 'varied']"),
     ({"packing": "tight"}, "packing 'tight' is not one of ['first', 'fill']"),
+    ({"questions": 0}, "questions must be an integer >= 1, got 0"),
     ({"phases": [{"rows": 1, "style": "noisy"}]}, "phase 1: style 'noisy' is not one of"),
     ({"colours": 3}, "unknown key(s) ['colours']"),
     ({"tasks": {"juggling": 1}}, "unknown or no tasks ['juggling']"),
@@ -131,6 +132,22 @@ def test_fill_packing_passes_over_what_does_not_fit(tmp_path, encode):
         assert used[0] <= used[1] <= SEQ_LEN
         longer += len(b) > len(a)
     assert longer > 0
+
+
+def test_questions_add_follow_up_turns_and_drop_those_that_do_not_fit(tmp_path, encode):
+    spec = write_spec(tmp_path / "q.yaml", phases=[], questions=4, tasks={"counting": 1})
+    stream = SyntheticStream(spec, encode, SEQ_LEN)
+    assert stream.settings.questions == 4 and "up to 4 question(s)" in stream.summary()
+    messages = stream.record(0, stream.settings)["messages"]
+    assert len(messages) == 8  # four questions, four answers
+    full = encode(messages)
+    one = encode(messages[:2])
+    supervised = lambda s: int((s.labels != -100).sum())  # noqa: E731
+    assert supervised(full) > supervised(one)
+    short = SyntheticStream(spec, encode, int(one.input_ids.numel()) + 5)  # room for the first answer only
+    assert short.encode_fitting(messages).input_ids.tolist() == one.input_ids.tolist()
+    assert stream.encode_fitting(messages).input_ids.tolist() == full.input_ids.tolist()
+    assert sum(int(s.input_ids.numel()) for s in short.row(0)) <= short.seq_len
 
 
 def test_training_on_a_stream_resumes_exactly(tmp_path):

@@ -20,7 +20,7 @@ from .packing import IGNORE, PackedBatch
 
 class LossModel(nn.Module):
     """``forward(batch, power) -> loss_sum`` (float32 scalar): the sum, not the mean, of token losses,
-    each weighted ``n ** -power`` where n is the number of answer tokens of its sample (0: unweighted).
+    each weighted ``n ** -power`` where n is the number of tokens of its answer (0: unweighted).
 
     ``lockstep`` (under FSDP) makes every process run the same collectives in the same order
     whatever its rows hold: the vision tower runs on every call (on a blank 1-item input joined to
@@ -68,25 +68,44 @@ class LossModel(nn.Module):
 
 
 def token_weights(targets: torch.Tensor, segment_ids: torch.Tensor, power: float) -> torch.Tensor | None:
-    """(B, T) weight of each supervised position: ``n ** -power``, n = answer tokens of its sample.
+    """(B, T) weight of each supervised position: ``n ** -power``, n = the tokens of its answer.
 
-    None for power 0 (every token weighs 1). With power 1 every sample's tokens sum to 1:
+    An answer is a run of supervised positions within one sample: a sample's reply, or each reply of
+    a multi-turn sample. None for power 0 (every token weighs 1). With power 1 every answer's tokens
+    sum to 1 (below: one sample of two answers, then a sample of one):
 
-    >>> t = torch.tensor([[5, -100, 7, 8, 9, -100]]); seg = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    >>> t = torch.tensor([[5, -100, 6, 7, -100, 7, 8, 9, -100]]); seg = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2, 0]])
     >>> token_weights(t, seg, 1.0)
-    tensor([[1.0000, 0.0000, 0.3333, 0.3333, 0.3333, 0.0000]])
+    tensor([[1.0000, 0.0000, 0.5000, 0.5000, 0.0000, 0.3333, 0.3333, 0.3333, 0.0000]])
     """
     if power == 0:
         return None
-    keep = targets != IGNORE
-    rows, width = segment_ids.shape
-    key = segment_ids + torch.arange(rows, device=segment_ids.device)[:, None] * (int(segment_ids.max()) + 1)
-    counts = torch.bincount(key[keep], minlength=int(key.max()) + 1).float()  # answer tokens per sample
-    return torch.where(keep, counts[key].clamp(min=1) ** -power, 0.0)
+    keep = targets != IGNORE  # (B, T)
+    continues = F.pad(keep[:, :-1] & (segment_ids[:, 1:] == segment_ids[:, :-1]), (1, 0), value=False)
+    answer = torch.cumsum((keep & ~continues).flatten(), 0).view_as(keep)  # answer id of each supervised position
+    counts = torch.bincount(answer[keep], minlength=int(answer.max()) + 1).float()  # tokens per answer
+    return torch.where(keep, counts[answer].clamp(min=1) ** -power, 0.0)
 
 
-def sample_weight_sum(answer_tokens: list[int], power: float) -> float:
-    """The total weight of samples with these answer-token counts (the trainer's loss denominator)."""
+def answer_lengths(labels: torch.Tensor) -> list[int]:
+    """Tokens of each answer (run of supervised targets) of one sample's labels, unshifted (T,).
+
+    >>> answer_lengths(torch.tensor([-100, 4, 5, -100, -100, 6]))
+    [2, 1]
+    """
+    keep = (labels[1:] != IGNORE).tolist()
+    runs, n = [], 0
+    for k in keep + [False]:
+        if k:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs
+
+
+def answer_weight_sum(answer_tokens: list[int], power: float) -> float:
+    """The total weight of answers with these token counts (the trainer's loss denominator)."""
     return float(sum(n ** (1 - power) for n in answer_tokens if n > 0))
 
 

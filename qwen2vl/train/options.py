@@ -19,7 +19,7 @@ LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 VISION_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 
-LOSS_WEIGHTINGS = {"token": 0.0, "sqrt": 0.5, "sample": 1.0}  # name -> p: a sample of n answer tokens weighs n ** -p each
+LOSS_WEIGHTINGS = {"token": 0.0, "sqrt": 0.5, "sample": 1.0}  # name -> p: an answer of n tokens weighs n ** -p each
 
 
 class OptionError(ValueError):
@@ -73,8 +73,9 @@ class TrainOptions:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
     max_grad_norm: float = 1.0  # 0 disables clipping
-    # how answer tokens are weighted: "token" (each supervised token alike), "sample" (each sample's
-    # tokens share one unit: a one-token answer counts as much as an 80-token one), "sqrt" (n ** -0.5 each)
+    # how answer tokens are weighted: "token" (each supervised token alike), "sample" (each answer's
+    # tokens share one unit: a one-token answer counts as much as an 80-token one; every reply of a
+    # multi-turn sample is an answer), "sqrt" (n ** -0.5 each)
     loss_weighting: str = "token"
     max_steps: int = 100
     seq_len: int = 4096  # tokens per packed sequence

@@ -12,6 +12,7 @@ A stream is given as a YAML file in place of the JSONL data (``data: mix.yaml``)
       force_size: [224, 224]         # every image and frame squashed to this size (optional, ablation)
       packing: fill                  # first (default): a row ends at the first sample that does not fit;
                                      # fill: such samples are passed over and later ones tried (fewer pads)
+      questions: 4                   # up to 4 questions per image (follow-up turns; default 1)
       phases:                        # optional curriculum: the first 2000 rows use other settings
         - {rows: 2000, tasks: {basics: 1}, style: plain}
 
@@ -36,7 +37,7 @@ from ..processing.sources import MediaError
 from .dataset import DataError
 
 ROW_STRIDE = 256  # sample indices reserved per row (a row never holds that many)
-SETTINGS = ("tasks", "size_policy", "video_pixels", "force_size", "style", "packing")
+SETTINGS = ("tasks", "size_policy", "video_pixels", "force_size", "style", "packing", "questions")
 PACKINGS = ("first", "fill")
 FILL_MISSES = 6  # packing "fill": samples passed over in a row before it ends
 
@@ -51,6 +52,7 @@ class Settings:
     force_size: tuple[int, int] | None
     style: str = "plain"
     packing: str = "first"
+    questions: int = 1
 
 
 def is_stream_spec(path: str | Path) -> bool:
@@ -72,6 +74,9 @@ def _settings(raw: dict, base: Settings | None, where: str) -> Settings:
     values["style"] = values["style"] or "plain"
     if values["style"] not in STYLES:
         raise DataError(f"{where}: style {values['style']!r} is not one of {list(STYLES)}")
+    values["questions"] = 1 if values["questions"] is None else values["questions"]
+    if not isinstance(values["questions"], int) or isinstance(values["questions"], bool) or values["questions"] < 1:
+        raise DataError(f"{where}: questions must be an integer >= 1, got {values['questions']!r}")
     values["packing"] = values["packing"] or "first"
     if values["packing"] not in PACKINGS:
         raise DataError(f"{where}: packing {values['packing']!r} is not one of {list(PACKINGS)}")
@@ -117,7 +122,8 @@ class SyntheticStream:
 
     def record(self, index: int, settings: Settings) -> dict:
         """The message record of sample ``index`` (media as in-memory images)."""
-        sample = generate_sample(index, self.seed, self.split, settings.tasks, settings.size_policy, settings.style)
+        sample = generate_sample(index, self.seed, self.split, settings.tasks, settings.size_policy, settings.style,
+                                 settings.questions)
         media = sample.frames if sample.frames is not None else sample.image
         record = to_record(sample, f"{self.split}-{self.seed}-{index}", media)
         if settings.video_pixels:
@@ -136,7 +142,7 @@ class SyntheticStream:
         for j in range(ROW_STRIDE):
             index = g * ROW_STRIDE + j
             try:
-                sample = self.encode(self.record(index, settings)["messages"])
+                sample = self.encode_fitting(self.record(index, settings)["messages"])
             except MediaError as e:
                 if e.kind != "over_budget":
                     raise
@@ -156,9 +162,24 @@ class SyntheticStream:
                             f"raise seq_len or use a smaller size_policy")
         return samples
 
+    def encode_fitting(self, messages: list[dict]):
+        """The encoded conversation, its last follow-up turns dropped while it is over ``seq_len`` (by the
+        encoder's over-budget error or by its length); the first question and answer always stay."""
+        while True:
+            try:
+                sample = self.encode(messages)
+            except MediaError as e:
+                if e.kind != "over_budget" or len(messages) <= 2:
+                    raise
+            else:
+                if sample.input_ids.numel() <= self.seq_len or len(messages) <= 2:
+                    return sample
+            messages = messages[:-2]
+
     def summary(self) -> str:
         def describe(s: Settings) -> str:
-            return f"{s.tasks}, size policy {s.size_policy}, {s.style} style, {s.packing} packing"
+            return (f"{s.tasks}, size policy {s.size_policy}, {s.style} style, {s.packing} packing, "
+                    f"up to {s.questions} question(s) per image")
 
         phases = "".join(f"; rows < {end}: {describe(s)}" for end, s in self.phases)
         return f"generated on the fly ({self.split} split, seed {self.seed}): {describe(self.settings)}{phases}"

@@ -5,8 +5,9 @@ One optimizer step consumes ``batch_size`` packed rows of the global stream; pro
 contiguous share and splits it into ``grad_accum`` micro-batches. Every micro-batch loss is its
 sum of token losses divided by the supervised-token count of the whole global batch (known from
 the up-front length pass), so the step's gradient is that of the global mean loss whatever the
-number of processes or micro-steps. With ``loss_weighting: sample`` each sample's answer tokens share
-one unit of weight and the divisor is the number of samples (the evaluation loss stays per token).
+number of processes or micro-steps. With ``loss_weighting: sample`` each answer's tokens share one
+unit of weight (a multi-turn sample has one answer per reply) and the divisor is the number of
+answers (the evaluation loss stays per token).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .dataset import Dataset
 from .distributed import Dist, all_sum, barrier, shard
 from .export import export_checkpoint, full_state_dict
 from .lora import add_lora, lora_config
-from .loss import LossModel, sample_weight_sum
+from .loss import LossModel, answer_lengths, answer_weight_sum
 from .metrics import MetricsLog, plot_losses, progress_bar
 from .optim import clip_grad_norm, lr_factor, make_optimizer, set_lr
 from .options import LOSS_WEIGHTINGS, OptionError, TrainOptions
@@ -215,9 +216,9 @@ class Trainer:
             rows = stream.rows(first, per_process)
             epoch, mine = rows[-1][0], [[data.sample(i) for i in row] for _, row in rows]
         samples = [s for row in mine for s in row]
-        answer = [int((s.labels[1:] != -100).sum()) for s in samples]
-        local = [sum(int(s.input_ids.numel()) for s in samples), sum(answer), len(samples),
-                 sample_weight_sum(answer, self.power)]
+        answers = [n for s in samples for n in answer_lengths(s.labels)]
+        local = [sum(int(s.input_ids.numel()) for s in samples), sum(answers), len(samples),
+                 answer_weight_sum(answers, self.power)]
         micro = per_process // opts.grad_accum
         batches = [collate(mine[k * micro:(k + 1) * micro], self.config, self.pad_id) for k in range(opts.grad_accum)]
         return epoch, local, batches

@@ -24,6 +24,8 @@ class Sample:
 
     ``meta`` holds what scoring and analysis need: the subtask ``kind``, the ``phrasing`` id of
     the question template, and task facts (boxes, counts, values, ``small_text``...).
+    ``followups``: more (question, answer) pairs about the same media, asked in later turns
+    (:mod:`.followups`; none unless asked for).
     """
 
     task: str
@@ -32,6 +34,7 @@ class Sample:
     meta: dict = field(default_factory=dict)
     image: Image.Image | None = None
     frames: list[Image.Image] | None = None
+    followups: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

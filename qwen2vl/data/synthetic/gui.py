@@ -303,7 +303,7 @@ def _centre(box: list[int], size: tuple[int, int]) -> list[int]:
     return [normalize((box[0] + box[2]) / 2, size[0]), normalize((box[1] + box[3]) / 2, size[1])]
 
 
-def _click(box: list[int], size: tuple[int, int]) -> dict:
+def click_call(box: list[int], size: tuple[int, int]) -> dict:
     return {"action": "click", "coordinate": _centre(box, size)}
 
 
@@ -318,7 +318,7 @@ def generate(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sa
         value = rng.choice(VALUES[field["label"]])
         k = rng.randrange(len(MULTI_Q))
         question = MULTI_Q[k].format(v=value, f=field["label"], b=button["label"])
-        calls = [_click(field["box"], s.size), {"action": "type", "text": value}, _click(button["box"], s.size)]
+        calls = [click_call(field["box"], s.size), {"action": "type", "text": value}, click_call(button["box"], s.size)]
         steps = [{**calls[0], "box_px": field["box"]}, calls[1], {**calls[2], "box_px": button["box"]}]
         target, kind, pid = field, "multi", f"gui/multi/{k}"
     else:
@@ -326,7 +326,7 @@ def generate(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sa
         templates = CLICK_Q[target["type"]]
         k = rng.randrange(len(templates))
         question = templates[k].format(x=target["label"])
-        calls = [_click(target["box"], s.size)]
+        calls = [click_call(target["box"], s.size)]
         steps = [{**calls[0], "box_px": target["box"]}]
         kind, pid = "click", f"gui/{target['type']}/{k}"
     answer = "\n".join(format_call("computer_use", c) for c in calls)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import charts, gui, reading, shapes, video
 from .common import Sample, SizePolicy, sample_rng, size_policy
+from .followups import followup_rng, followups
 from .style import make_style
 
 TASKS = {
@@ -56,11 +57,14 @@ def task_mix(tasks: Sequence[str] | Mapping[str, float] | None) -> dict[str, flo
 
 
 def generate_sample(index: int, seed: int, split: str = "train", tasks=None,
-                    image_size_policy: str | SizePolicy = "varied", style: str = "plain") -> Sample:
+                    image_size_policy: str | SizePolicy = "varied", style: str = "plain",
+                    questions: int = 1) -> Sample:
     """Sample ``index`` of ``(split, seed)``: a pure function of its arguments.
 
     ``style``: "plain" (the original look, byte for byte) or "varied" (fonts, colours, backgrounds,
     layouts drawn from the same rng; its facts are in ``meta["style"]``), see :mod:`.style`.
+    ``questions``: up to this many questions about the media (``questions - 1`` follow-ups, where the
+    task has them, see :mod:`.followups`); the first question, the media and the meta do not change.
     """
     mix = task_mix(tasks)
     rng = sample_rng(split, seed, index)
@@ -68,24 +72,23 @@ def generate_sample(index: int, seed: int, split: str = "train", tasks=None,
     task = rng.choices(names, weights=[mix[t] for t in names])[0]
     look = make_style(style, rng, split)
     if look.plain:
-        return TASKS[task](rng, size_policy(image_size_policy).for_task(task))
-    sample = TASKS[task](rng, size_policy(image_size_policy).for_task(task), look)
-    sample.meta["style"] = dict(look.facts)
+        sample = TASKS[task](rng, size_policy(image_size_policy).for_task(task))
+    else:
+        sample = TASKS[task](rng, size_policy(image_size_policy).for_task(task), look)
+        sample.meta["style"] = dict(look.facts)
+    if questions > 1:
+        sample.followups = followups(sample, followup_rng(split, seed, index), questions - 1)
     return sample
 
 
 def to_record(sample: Sample, sample_id: str, media: str | list[str]) -> dict:
     """The JSONL record of ``sample`` whose media were written at ``media`` (relative paths)."""
     item = {"type": "video", "video": media} if sample.frames is not None else {"type": "image", "image": media}
-    return {
-        "id": sample_id,
-        "task": sample.task,
-        "meta": sample.meta,
-        "messages": [
-            {"role": "user", "content": [item, {"type": "text", "text": sample.question}]},
-            {"role": "assistant", "content": sample.answer},
-        ],
-    }
+    messages = [{"role": "user", "content": [item, {"type": "text", "text": sample.question}]},
+                {"role": "assistant", "content": sample.answer}]
+    for question, answer in sample.followups:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"id": sample_id, "task": sample.task, "meta": sample.meta, "messages": messages}
 
 
 def force_media_size(record: dict, size: tuple[int, int], copy: bool = True) -> dict:
