@@ -18,6 +18,7 @@ config and tokenizer) on its synthetic data, samples per second of whole optimiz
 preparation included) after one warm-up step, for each data arm, arms alternated ``--repeats`` times::
 
     python benchmarks/train.py --nano fixed-1024x4,stream-1024x4,stream-512x8 --steps 8 --threads 2
+    python benchmarks/train.py --nano stream-512x8,fill-512x8,fill-q3-512x8 --steps 8 --threads 2   # answers/s
 """
 
 from __future__ import annotations
@@ -180,14 +181,16 @@ def run_transformers(directory: Path, mode: str, args) -> dict:
 
 NANO_OLD_MIX = "reading=0.35,counting=0.2,grounding=0.2,chart=0.1,video=0.15"
 NANO_MIX = {"reading": 0.3, "counting": 0.2, "grounding": 0.2, "chart": 0.1, "video": 0.1, "gui": 0.1}
-NANO_ARMS = {  # name: (data, seq_len, rows per step)
-    "fixed-1024x4": ("fixed", 1024, 4),  # the first recipe: a written set (compact sizes), packed
-    "stream-1024x4": ("stream", 1024, 4),  # generated on the fly, per-task sizes
-    "stream-512x8": ("stream", 512, 8),
+NANO_ARMS = {  # name: (data, seq_len, rows per step, stream settings)
+    "fixed-1024x4": ("fixed", 1024, 4, {}),  # the first recipe: a written set (compact sizes), packed
+    "stream-1024x4": ("stream", 1024, 4, {}),  # generated on the fly, per-task sizes
+    "stream-512x8": ("stream", 512, 8, {}),
+    "fill-512x8": ("stream", 512, 8, {"packing": "fill"}),  # rows filled past a sample that does not fit
+    "fill-q3-512x8": ("stream", 512, 8, {"packing": "fill", "questions": 3}),  # + up to 3 questions per image
 }
 
 
-def nano_data(directory: Path, kind: str) -> Path:
+def nano_data(directory: Path, kind: str, settings: dict) -> Path:
     """The arm's training data: a written compact set (``fixed``) or a stream spec with per-task sizes."""
     if kind == "fixed":
         target = directory / "fixed"
@@ -196,9 +199,9 @@ def nano_data(directory: Path, kind: str) -> Path:
                             "--seed", "0", "--size-policy", "compact", "--video-pixels", "3136,50176",
                             "--tasks", NANO_OLD_MIX, "--quiet"], check=True)
         return target / "data.jsonl"
-    spec = directory / "stream.yaml"
-    spec.write_text(json.dumps({"synthetic": {"split": "train", "seed": 0, "tasks": NANO_MIX,
-                                              "size_policy": "per-task", "video_pixels": [3136, 50176]}}))
+    spec = directory / ("stream-" + "-".join(f"{k}-{v}" for k, v in sorted(settings.items())) + ".yaml")
+    spec.write_text(json.dumps({"synthetic": {"split": "train", "seed": 0, "tasks": NANO_MIX, "size_policy": "per-task",
+                                              "video_pixels": [3136, 50176], **settings}}))
     return spec
 
 
@@ -208,18 +211,19 @@ def run_nano(arm: str, directory: Path, steps: int) -> dict:
     from qwen2vl.train.options import load_options
     from qwen2vl.train.trainer import Trainer
 
-    kind, seq_len, rows = NANO_ARMS[arm]
+    kind, seq_len, rows, settings = NANO_ARMS[arm]
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "nano"
     out = directory / f"run-{arm}"
     shutil.rmtree(out, ignore_errors=True)
     options = {"model_config": str(recipe / "config.json"), "tokenizer": str(recipe.parents[1] / "qwen2vl" / "assets"
-               / "qwen2vl-nano"), "data": str(nano_data(directory, kind)), "output_dir": str(out),
+               / "qwen2vl-nano"), "data": str(nano_data(directory, kind, settings)), "output_dir": str(out),
                "seq_len": str(seq_len), "batch_size": str(rows), "max_steps": str(steps + 1), "lr": "1e-3",
                "max_pixels": str(512 * 512), "export": "false", "progress": "false", "stage": "2"}
     Trainer(load_options(None, options), Dist()).fit()
     records = read_metrics(out / "metrics.jsonl")[1:]  # the first step warms up
     seconds = sum(r["step_s"] for r in records)
     return {"samples_per_s": sum(r["samples"] for r in records) / seconds,
+            "answers_per_s": sum(r["answers"] for r in records) / seconds,
             "tokens_per_s": sum(r["tokens"] for r in records) / seconds,
             "supervised_per_s": sum(r["supervised_tokens"] for r in records) / seconds,
             "padding": statistics.mean(r["padding"] for r in records), "step_s": seconds / len(records)}
@@ -234,13 +238,15 @@ def nano_main(args) -> None:
         raise SystemExit(f"unknown --nano arm(s) {unknown}; expected some of {list(NANO_ARMS)}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {args.threads} thread(s), {args.steps} steps per run")
-    print(f"{'arm':<15} {'run':>3} {'step s':>7} {'samples/s':>10} {'tokens/s':>9} {'answer tok/s':>13} {'padding':>8}")
+    print(f"{'arm':<15} {'run':>3} {'step s':>7} {'samples/s':>10} {'answers/s':>10} {'tokens/s':>9} "
+          f"{'answer tok/s':>13} {'padding':>8}")
     for repeat in range(args.repeats):
         for arm in arms:  # alternated, so a change in the machine's load reaches every arm
             cmd = [sys.executable, __file__, "--nano-arm", arm, "--steps", str(args.steps), "--dir", str(directory)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"{arm:<15} {repeat + 1:>3} {r['step_s']:>7.2f} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>9.0f} "
+            print(f"{arm:<15} {repeat + 1:>3} {r['step_s']:>7.2f} {r['samples_per_s']:>10.2f} {r['answers_per_s']:>10.2f} "
+                  f"{r['tokens_per_s']:>9.0f} "
                   f"{r['supervised_per_s']:>13.1f} {r['padding']:>8.1%}", flush=True)
 
 

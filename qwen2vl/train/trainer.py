@@ -178,7 +178,7 @@ class Trainer:
                 if step + 1 < opts.max_steps:
                     upcoming = pool.submit(self._prepare, stream, step + 1)
                 *counts, weight = all_sum(d, local)  # over the global batch
-                tokens, supervised, samples = (int(v) for v in counts)
+                tokens, supervised, samples, answers = (int(v) for v in counts)
                 factor = lr_factor(step, opts.warmup_steps, opts.max_steps, opts.min_lr_ratio)
                 set_lr(self.optimizer, factor)
                 loss, grad_norm = self._train_step(batches, weight)
@@ -186,7 +186,8 @@ class Trainer:
                 run_tokens += tokens
                 last = {"step": step + 1, "loss": loss, "lr": opts.lr * factor, "grad_norm": grad_norm,
                         "tokens": tokens, "supervised_tokens": supervised, "tokens_per_s": tokens / elapsed,
-                        "samples": samples, "padding": 1 - tokens / (opts.batch_size * opts.seq_len),
+                        "samples": samples, "answers": answers,
+                        "padding": 1 - tokens / (opts.batch_size * opts.seq_len),
                         "epoch": epoch, "step_s": elapsed}
                 if self.eval_data is not None and self._due(step + 1, opts.eval_every):
                     last["eval_loss"] = self.evaluate()
@@ -203,7 +204,8 @@ class Trainer:
         return self._finish(last)
 
     def _prepare(self, stream: PackedStream | None, step: int):
-        """(epoch, this process's [tokens, supervised tokens, samples, loss weight], its micro-batches on the CPU).
+        """(epoch, this process's [tokens, supervised tokens, samples, answers, loss weight], its micro-batches
+        on the CPU).
 
         Rows come from the packed data set (``stream``) or, with ``stream`` None, are generated.
         """
@@ -217,7 +219,7 @@ class Trainer:
             epoch, mine = rows[-1][0], [[data.sample(i) for i in row] for _, row in rows]
         samples = [s for row in mine for s in row]
         answers = [n for s in samples for n in answer_lengths(s.labels)]
-        local = [sum(int(s.input_ids.numel()) for s in samples), sum(answers), len(samples),
+        local = [sum(int(s.input_ids.numel()) for s in samples), sum(answers), len(samples), len(answers),
                  answer_weight_sum(answers, self.power)]
         micro = per_process // opts.grad_accum
         batches = [collate(mine[k * micro:(k + 1) * micro], self.config, self.pad_id) for k in range(opts.grad_accum)]
@@ -227,7 +229,7 @@ class Trainer:
         """Accumulate the micro-batches, clip, step: (global weighted mean loss, gradient norm).
 
         ``weight`` is the global batch's total loss weight: its supervised tokens under "token"
-        weighting, its samples under "sample".
+        weighting, its answers under "sample".
         """
         d = self.d
         loss_sum = torch.zeros((), device=d.device)
