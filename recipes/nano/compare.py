@@ -1,6 +1,7 @@
 """Compare runs of the nano recipe: a Markdown table of their held-out scores and one loss-curve plot.
 
     python recipes/nano/compare.py native=runs/nano 224x224=runs/nano-224 --plot docs/nano-loss.png
+    python recipes/nano/compare.py native=runs/nano-v2 --plot docs/nano-v2-loss.png --marks 200,700,1100 --no-table
 
 Each run directory holds ``eval.json`` (from ``qwen2vl eval``) and ``stage{2,3}/metrics.jsonl``.
 The table has one column per run (score in percent, with ANLS / mean IoU where the metric has one)
@@ -55,7 +56,7 @@ def stage_metrics(run: Path) -> tuple[list[tuple[int, dict]], list[int]]:
     return out, ends
 
 
-def plot(runs: dict[str, Path], out: Path, window: int = 10) -> None:
+def plot(runs: dict[str, Path], out: Path, window: int = 10, marks: list[int] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,8 +74,11 @@ def plot(runs: dict[str, Path], out: Path, window: int = 10) -> None:
         ax.plot(*zip(*evals), "o--", color=colour, label=f"{name} eval")
     for x in ends[:-1]:  # stage boundaries (of the last run; the runs share their step counts)
         ax.axvline(x, color="grey", lw=0.5)
-    ax.set_xlabel("optimizer step (stages end to end; grey lines: stage boundaries)")
-    ax.set_ylabel("loss per supervised token")
+    for x in marks:  # recipe changes within a stage
+        ax.axvline(x, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("optimizer step (stages end to end; grey lines: stage boundaries, dotted: recipe changes)")
+    ax.set_ylabel("loss (train: as weighted in training; eval: per token)")
+    ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
@@ -84,14 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
     p.add_argument("--plot", help="write the loss curves to this PNG")
+    p.add_argument("--marks", default="", help="comma list of steps to mark on the plot (recipe changes)")
+    p.add_argument("--window", type=int, default=10, help="moving average of the training loss (steps)")
+    p.add_argument("--no-table", action="store_true", help="no held-out table (runs without eval.json)")
     args = p.parse_args(argv)
     runs = {}
     for item in args.runs:
         name, _, path = item.partition("=")
         runs[name] = Path(path)
-    print(table(runs))
+    if not args.no_table:
+        print(table(runs))
     if args.plot:
-        plot(runs, Path(args.plot))
+        plot(runs, Path(args.plot), args.window, [int(m) for m in args.marks.split(",") if m])
     return 0
 
 
