@@ -14,6 +14,7 @@ from qwen2vl import Qwen2VL
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.quant.linear import (
     GEMM_ROWS,
+    ONEDNN,
     Int4Linear,
     Int8Linear,
     QuantLinear,
@@ -37,20 +38,69 @@ def test_linear_equals_its_dequantized_weight(dtype, scheme, group, sym, cls, ou
     assert isinstance(module, cls) and not hasattr(module, "weight")
     x = torch.randn(2, 3, 128, dtype=dtype)
     qw = module.quant_weight()
-    ref = F.linear(x.float(), qw.dequantize(), linear.bias.float())
+    ref = reference(module, x, qw, linear.bias)
     y = module(x)
     assert y.shape == (2, 3, out_features) and y.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
-    # a prompt's worth of rows takes the dequantize + GEMM path: the same numbers
-    xs = torch.randn(1, GEMM_ROWS + 5, 128, dtype=dtype)
-    ref = F.linear(xs.float(), qw.dequantize(), linear.bias.float())
-    torch.testing.assert_close(module(xs).float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    # a prompt's worth of rows (the dequantize + GEMM path where there is one): the same numbers
+    xs = torch.randn(1, GEMM_ROWS[qw.bits] + 5, 128, dtype=dtype)
+    ref = reference(module, xs, qw, linear.bias)
+    torch.testing.assert_close(module(xs).double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
     # and the dequantized weight is the float weight to within half a quantization step (plus, in
     # bfloat16, the rounding of the stored scale: up to 2**-8 of 2**(bits-1) steps)
     step = qw.scales.float().repeat_interleave(qw.group_size, dim=1)
     slack = 0.5 if dtype == torch.float32 else 0.5 + 2 ** (qw.bits - 1) / 256
     assert bool(((qw.dequantize() - linear.weight.float()).abs() <= step * slack + 1e-6).all())
+
+
+def reference(module, x, qw, bias):
+    """What ``module`` computes, in float64: a oneDNN-packed int8 layer sees each row of x as its
+    two int8 roundings (computed in float32, as the module does)."""
+    if getattr(module, "packed", None) is not None:
+        x = sum(s.double() * q.double() for s, q in int8_split(x))
+    return F.linear(x.double(), qw.dequantize(torch.float64), bias.double())
+
+
+def int8_split(x):
+    """[(s1, q1), (s2, q2)]: x ~ s1 * q1 + s2 * q2 per row, as qwen2vl.quant.linear.int8_matmul splits it."""
+    x = x.float()
+    s1 = x.abs().amax(-1, keepdim=True) / 127
+    q1 = (x / s1).round()
+    rest = x - q1 * s1
+    s2 = rest.abs().amax(-1, keepdim=True) / 127
+    return [(s1, q1), (s2, (rest / s2).round())]
+
+
+@pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_int8_packed_error_is_within_the_activation_rounding_bound(rows):
+    """Per-row int8 on the CPU multiplies each input row as two int8 roundings; what is left, at most
+    s2 / 2 per entry (s2 <= absmax / 127 / 254), bounds the difference from the weight-only product
+    by sum_k |w[n, k]| * s2 / 2 per output."""
+    linear = nn.Linear(1536, 320, bias=False)
+    module = quantize_linear(linear, "int8")
+    assert module.packed is not None and module.qweight is None
+    assert torch.equal(module.int8_weight(), (module.quant_weight().q.to(torch.int16) - 128).to(torch.int8))
+    x = torch.randn(rows, 1536) * torch.rand(1536) * 4  # uneven channel sizes
+    w = module.quant_weight().dequantize(torch.float64)
+    exact = F.linear(x.double(), w)
+    (s1, q1), (s2, q2) = int8_split(x)
+    assert bool((s2 <= s1 / 254 * (1 + 1e-5)).all()) and q1.abs().max() <= 127 and q2.abs().max() <= 127
+    bound = (s2.double() / 2) * w.abs().sum(1)  # (rows, N)
+    err = (module(x).double() - exact).abs()
+    assert bool((err <= bound * (1 + 1e-4) + 1e-6 * exact.abs().max()).all())
+    torch.testing.assert_close(module(x).double(), reference(module, x, module.quant_weight(), torch.zeros(320)),
+                               atol=1e-5 * exact.abs().max().item(), rtol=0)
+
+
+def test_int8_packed_weight_moves_off_the_cpu_as_plain_int8():
+    module = quantize_linear(nn.Linear(64, 48), "int8")
+    q = module.int8_weight()
+    module.to(torch.float64)  # a dtype change keeps it packed
+    assert (module.packed is not None) == ONEDNN
+    module._apply(lambda t: t.to("meta"))  # leaving the CPU (meta stands in for CUDA): plain int8 again
+    assert module.packed is None and module.qweight.shape == q.shape and module.qweight.device.type == "meta"
 
 
 def test_int4_packing_reads_back_and_per_row_int8_uses_the_kernel():
@@ -96,6 +146,24 @@ def test_quantized_checkpoint_round_trip(tmp_path, tied, scheme, group, sym):
     first, second = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert "model.layers.0.self_attn.q_proj.qweight" in first and "model.layers.0.self_attn.qkv_proj.qweight" not in first
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_no_float_copy_of_a_quantized_weight_is_kept(tmp_path, scheme):
+    """Quantized in memory or loaded: the float tensors left are the embedding table, norms, biases,
+    the patch embedding and the per-row/group scales, nothing of a quantized layer's size."""
+    model = tiny(tied=True).quantize(scheme, group_size=None if scheme == "int8" else 32)
+    model.save_pretrained(tmp_path)
+    for m in (model, Qwen2VL.from_pretrained(tmp_path)):
+        layers = {n: mod for n, mod in m.named_modules() if isinstance(mod, QuantLinear)}
+        for name, layer in layers.items():
+            for key, t in layer.named_buffers():
+                if t.is_floating_point():  # scale (and offset) per row and group; int4 rows padded to 64
+                    rows = -(-layer.out_features // 64) * 64
+                    assert t.numel() <= 2 * rows * layer.in_features // layer.group_size, (name, key)
+        embed = m.model.embed_tokens.weight
+        big = [n for n, p in m.named_parameters() if p.numel() >= 32 * 32 and p is not embed and "patch_embed" not in n]
+        assert big == [], big
 
 
 def test_quantize_keeps_float_where_asked():

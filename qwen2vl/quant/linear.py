@@ -1,13 +1,16 @@
-"""Weight-only quantized linear layers: drop-in replacements of ``nn.Linear`` (same ``forward(x)``).
+"""Quantized linear layers: drop-in replacements of ``nn.Linear`` (same ``forward(x)``).
 
-* :class:`Int8Linear`: int8 weights with one scale per output row, multiplied by
-  ``torch._weight_int8pack_mm`` on CPU. Checkpoints with per-group int8 scales or zero points other
-  than 128 (some GPTQ-Int8 releases) take a dequantize-then-matmul path: correct, not fast.
+* :class:`Int8Linear`: int8 weights with one scale per output row. On the CPU the weight is kept
+  in oneDNN's packed layout and multiplied in integers (``onednn::qlinear_pointwise``, int8 x int8
+  summed in int32 with VNNI): each input row goes in as two int8 vectors, its rounding and the
+  rounding of the rest (:func:`int8_matmul`, about 15 bits). Checkpoints with per-group int8 scales
+  or zero points other than 128 (some GPTQ-Int8 releases) dequantize and matmul: correct, not fast.
 * :class:`Int4Linear`: 4-bit weights with a scale and zero point per group of 32/64/128/256 input
-  columns, packed for and multiplied by ``torch._weight_int4pack_mm_for_cpu``.
+  columns, packed for and multiplied by ``torch._weight_int4pack_mm_for_cpu`` (activations stay float).
 
-Neither has a ``weight`` attribute: the packed values are the ``qweight`` buffer. Both keep an optional act-order input permutation (GPTQ ``desc_act``) and bias. Off the CPU
-(CUDA) they dequantize the weight and call ``F.linear``: correct, without the memory-bandwidth gain.
+Neither has a ``weight`` attribute. Both keep an optional act-order input permutation (GPTQ
+``desc_act``) and bias. Off the CPU (CUDA) they dequantize the weight and call ``F.linear``:
+correct, without the memory-bandwidth gain.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from torch import nn
 from .weights import QuantWeight, quantize_weight
 
 INT4_GROUPS = (32, 64, 128, 256)
-# From this many rows (prompt tokens) on, dequantizing the weight once and running the float GEMM
-# beats the packed kernels, which are matrix-vector kernels at heart (2B, 64 tokens: 3.8 tok/s int8
-# kernel vs 31 tok/s bf16 GEMM on this CPU).
-GEMM_ROWS = 16
+# From this many rows (prompt tokens) on, dequantizing the weight once per call and running the
+# float GEMM beats the packed kernel. Int4: on the 2B's gate/up (17920x1536, 1 thread) the kernel
+# costs about 0.6 ms per row, the dequantize about 190 ms per call whatever the rows
+# (benchmarks/quant_paths.py). Int8 without oneDNN (``torch._weight_int8pack_mm``): a
+# matrix-vector kernel.
+GEMM_ROWS = {4: 256, 8: 16}
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 _BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64
 
 
@@ -63,27 +69,70 @@ class Int8Linear(QuantLinear):
         if qw.bits != 8:
             raise ValueError(f"Int8Linear needs 8-bit weights, got {qw.bits}-bit")
         self._set_common(qw, dtype)
-        self.register_buffer("qweight", (qw.q.to(torch.int16) - 128).to(torch.int8))  # (N, K)
+        q = (qw.q.to(torch.int16) - 128).to(torch.int8)  # (N, K)
         self.register_buffer("scales", qw.scales.to(dtype).contiguous())  # (N, G)
         self.register_buffer("offsets", qw.zeros.to(torch.int16) - 128)  # (N, G) zero point - 128
-        # one scale per row and zero point 128: the packed int8 kernel applies
+        # one scale per row and zero point 128: the integer kernels apply
         self.per_row = qw.scales.shape[1] == 1 and not bool(self.offsets.any())
+        # On the CPU with oneDNN the packed weight replaces ``qweight`` (the same bytes in oneDNN's
+        # blocked layout; not a buffer, it cannot leave the CPU); ``int8_weight()`` reads it back.
+        self.packed = None
+        if self.per_row and ONEDNN and q.device.type == "cpu":
+            self.packed = torch.ops.onednn.qlinear_prepack(q, None)  # (K, N) opaque
+            self.packed_scales = self.scales.float().view(-1)  # (N,) float32, as the kernel takes them
+            self.packed_zeros = torch.zeros(q.shape[0], dtype=torch.long)
+            q = None
+        self.register_buffer("qweight", q)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.per_row and x.device.type == "cpu" and x.shape[0] < GEMM_ROWS:
+        if self.packed is not None:
+            return int8_matmul(x, self.packed, self.packed_scales, self.packed_zeros)
+        if self.per_row and x.device.type == "cpu" and x.shape[0] < GEMM_ROWS[8]:
             return torch._weight_int8pack_mm(x, self.qweight, self.scales.view(-1).to(x.dtype))
         return F.linear(x, self._dequantize(x.dtype))
 
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 values ``(N, K)``, read back from the packed form when packed."""
+        return self.qweight if self.packed is None else self.packed.to_dense().t().contiguous()
+
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        n, k = self.qweight.shape
+        q = self.int8_weight()
+        n, k = q.shape
         g = self.group_size
-        w = self.qweight.view(n, k // g, g).to(dtype) - self.offsets.unsqueeze(-1).to(dtype)  # (N, G, g)
+        w = q.view(n, k // g, g).to(dtype) - self.offsets.unsqueeze(-1).to(dtype)  # (N, G, g)
         return (w * self.scales.unsqueeze(-1).to(dtype)).view(n, k)
 
+    def _apply(self, fn, recurse=True):
+        if self.packed is not None and fn(torch.zeros(())).device.type != "cpu":  # leaving the CPU: unpack
+            self.qweight, self.packed = self.int8_weight(), None
+        return super()._apply(fn, recurse)
+
     def quant_weight(self) -> QuantWeight:
-        q = (self.qweight.to(torch.int16) + 128).to(torch.uint8)
+        q = (self.int8_weight().to(torch.int16) + 128).to(torch.uint8)
         zeros = self.offsets + 128
         return QuantWeight(8, self.group_size, q, self.scales.clone(), zeros, self.bias, self.perm)
+
+
+def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """``x (M, K)`` float times the oneDNN-packed int8 weight ``(K, N)`` -> ``(M, N)`` in x's dtype.
+
+    Each row of ``x`` is split into two int8 vectors, its rounding and the rounding of what is left:
+    ``x = s1 * q1 + s2 * q2 + e`` with ``s1 = absmax(x) / 127``, ``s2 = absmax(x - s1 * q1) / 127 <=
+    s1 / 254`` and ``|e| <= s2 / 2`` (about 15 bits, below bfloat16's rounding of all but the smallest
+    entries). Both go through one kernel call of 2M rows: at decode the weight is read once either
+    way. The kernel sums ``q * weight`` exactly in int32 and applies the weight's row scales (input
+    scale 1); the rows' scales multiply its float32 output.
+    """
+    m = x.shape[0]
+    xf = x.float()
+    s1 = xf.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / 127  # (M, 1)
+    q1 = (xf / s1).round_()  # (M, K), |q1| <= 127
+    rest = xf - q1 * s1
+    s2 = rest.abs().amax(-1, keepdim=True).clamp_(min=1e-30) / 127
+    q = torch.cat([q1, rest.div_(s2).round_()]).to(torch.int8)  # (2M, K)
+    y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
+                                           "none", [], "")  # (2M, N) float32
+    return torch.addcmul(y[:m] * s1, y[m:], s2).to(x.dtype)
 
 
 class Int4Linear(QuantLinear):
@@ -109,7 +158,7 @@ class Int4Linear(QuantLinear):
                              torch.stack([scales.t(), offset.t()], dim=-1).to(dtype).contiguous())  # (G, Np, 2)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.shape[0] < GEMM_ROWS:
+        if x.device.type == "cpu" and x.shape[0] < GEMM_ROWS[4]:
             sz = self.scales_and_zeros.to(x.dtype)
             return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, sz)[:, : self.out_features]
         return F.linear(x, self._dequantize(x.dtype).to(x.device))
