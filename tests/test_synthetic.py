@@ -359,6 +359,26 @@ def test_basics_answers_match_the_big_drawn_shapes(style):
         assert s.answer == expected[s.meta["kind"]]
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_scenes_are_few_big_shapes_with_true_answers(style):
+    """``scenes``: counting or grounding on 1 to 7 shapes, each side an eighth of the short side or more."""
+    batch = samples("scenes", n=60, seed=4, policy="per-task", style=style)
+    assert {s.task for s in batch} == {"counting", "grounding"}
+    for s in batch:
+        objects = s.meta["objects"]
+        assert 1 <= len(objects) <= 7 and max(s.image.size) <= 320
+        check_objects_match_pixels(s.image, objects, outline_of(s))
+        for o in objects:
+            x1, y1, x2, y2 = o["box"]
+            assert max(x2 - x1, y2 - y1) >= max(12, min(s.image.size) // 8) - 1  # the mask's box of a side-s shape
+        if s.task == "counting":
+            target = s.meta["target"]
+            assert s.answer == str(sum((target["colour"] in (None, o["colour"])) and (target["shape"] in (None, o["shape"]))
+                                       for o in objects))
+        else:
+            assert [f"{o['colour']} {o['shape']}" for o in objects].count(s.meta["label"]) == 1
+
+
 # ------------------------------------------------------------------------------------------ styles
 
 PLAIN_HASHES = {  # computed from the generator before styles existed (Pillow 13.0.0)

@@ -5,7 +5,7 @@ Task families: ``reading`` (documents, receipts, signs; some with text too small
 (short clips of moving or appearing shapes) and ``gui``
 (screens of buttons, links, tabs, fields, checkboxes, menus and dialogs; answers are computer_use calls;
 not in DEFAULT_MIX) and ``basics`` (one to four big shapes: their colour, kind or number; the start of a
-curriculum). :func:`write_dataset` writes ``data.jsonl`` + media. A ``style`` ("plain" or "varied", see
+curriculum) and ``scenes`` (counting and grounding on two to seven big shapes: the step after it). :func:`write_dataset` writes ``data.jsonl`` + media. A ``style`` ("plain" or "varied", see
 :mod:`.style`) sets the look: fonts, colours, backgrounds, layouts.
 """
 

@@ -67,7 +67,8 @@ SIZE_POLICIES = {
     "varied": SizePolicy(100, 1200),  # the range: sides from about 100 to 1200 px
     "compact": SizePolicy(100, 512),  # cheaper in vision tokens, for CPU training budgets
     # compact, with shape scenes and charts at most 320 px: they hold no detail that needs more
-    "per-task": SizePolicy(100, 512, (("counting", 320), ("grounding", 320), ("chart", 384), ("basics", 224))),
+    "per-task": SizePolicy(100, 512, (("counting", 320), ("grounding", 320), ("chart", 384), ("basics", 224),
+                                      ("scenes", 320))),
 }
 
 

@@ -170,14 +170,17 @@ def _other(rng: random.Random, avoid) -> tuple[str, str]:
             return colour, shape
 
 
-def counting(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+def counting(rng: random.Random, policy: SizePolicy, style: Style = PLAIN, most: tuple[int, int] = (9, 6),
+             min_frac: float = 0.0) -> Sample:
+    """Count the shapes of a colour, a kind, both, or all: up to ``most`` = (targets, others) objects,
+    sides at least ``min_frac`` of the image's short side (and MIN_SIDE)."""
     outline, scale = look(rng, style)
     mode = rng.choices(["combo", "shape", "colour", "all"], weights=[4, 3, 2, 1])[0]
     colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
     size = pick_size(rng, policy, aspect=(0.5, 2.0))
     cap = _capacity(*size)
-    k = 0 if (mode != "all" and rng.random() < 0.06) else rng.randint(1, min(9, cap))
-    m = 0 if mode == "all" else rng.randint(0, max(0, min(6, cap - k)))
+    k = 0 if (mode != "all" and rng.random() < 0.06) else rng.randint(1, min(most[0], cap))
+    m = 0 if mode == "all" else rng.randint(0, max(0, min(most[1], cap - k)))
     if mode == "combo":
         matches, things = (lambda c, s: c == colour and s == shape), plural(f"{colour} {shape}")
     elif mode == "shape":
@@ -190,7 +193,7 @@ def counting(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sa
                 shape if mode in ("combo", "shape") else rng.choice(SHAPES)) for _ in range(k)]
     specs = targets + [_other(rng, matches) for _ in range(m)]
     rng.shuffle(specs)
-    objects = place(rng, size, specs, max(MIN_SIDE, int(_max_side(size, len(specs)) * scale)))
+    objects = _place_scaled(rng, size, specs, scale, min_frac)
     image = render(size, objects, background(rng, size, style), outline)
     question, pid = phrase(rng, f"counting/{mode}", COUNT_Q, things=things)
     count = sum(matches(o["colour"], o["shape"]) for o in objects)
@@ -201,14 +204,16 @@ def counting(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sa
     return Sample("counting", question, str(count), meta, image=image)
 
 
-def grounding(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+def grounding(rng: random.Random, policy: SizePolicy, style: Style = PLAIN, most: int = 7,
+              min_frac: float = 0.0) -> Sample:
+    """Locate the one shape of a colour and kind among up to ``most`` others (sides as in counting)."""
     outline, scale = look(rng, style)
     colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
     size = pick_size(rng, policy, aspect=(0.5, 2.0))
-    m = rng.randint(0, max(0, min(7, _capacity(*size) - 1)))
+    m = rng.randint(0, max(0, min(most, _capacity(*size) - 1)))
     specs = [(colour, shape)] + [_other(rng, lambda c, s: c == colour and s == shape) for _ in range(m)]
     rng.shuffle(specs)
-    objects = place(rng, size, specs, max(MIN_SIDE, int(_max_side(size, len(specs)) * scale)))
+    objects = _place_scaled(rng, size, specs, scale, min_frac)
     image = render(size, objects, background(rng, size, style), outline)
     target = next(o for o in objects if (o["colour"], o["shape"]) == (colour, shape))
     label = f"{colour} {shape}"
@@ -217,6 +222,26 @@ def grounding(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> S
     meta = {"kind": "box", "phrasing": pid, "label": label, "box": list(box), "box_px": target["box"],
             "size": list(size), "objects": _public(objects)}
     return Sample("grounding", question, format_box(box, label), meta, image=image)
+
+
+def _place_scaled(rng: random.Random, size: tuple[int, int], specs: list[tuple[str, str]], scale: float,
+                  min_frac: float) -> list[dict]:
+    """Place a counting/grounding scene: sides up to the room ``len(specs)`` objects leave (times the
+    style's ``scale``), from at least ``min_frac`` of the short side (0: MIN_SIDE, the tasks' default)."""
+    largest = max(MIN_SIDE, int(_max_side(size, len(specs)) * scale))
+    if min_frac <= 0:
+        return place(rng, size, specs, largest)
+    smallest = max(MIN_SIDE, int(min(size) * min_frac))
+    return place(rng, size, specs, max(largest, smallest), min_side=smallest)
+
+
+def scenes(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+    """The step between ``basics`` and the full tasks: a counting or a grounding question about a scene
+    of two to seven shapes (at most four targets and three others), each side at least an eighth of
+    the image's short side. Its task name is that of the question asked."""
+    if rng.random() < 0.5:
+        return counting(rng, policy, style, most=(4, 3), min_frac=0.125)
+    return grounding(rng, policy, style, most=3, min_frac=0.125)
 
 
 def _public(objects: list[dict]) -> list[dict]:

@@ -39,6 +39,7 @@ TASKS = {
     "video": video.generate,
     "gui": gui.generate,
     "basics": shapes.basics,
+    "scenes": shapes.scenes,
 }
 DEFAULT_MIX = {"reading": 0.3, "counting": 0.2, "grounding": 0.2, "chart": 0.15, "video": 0.15}
 
