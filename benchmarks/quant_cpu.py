@@ -132,6 +132,8 @@ def decode_bytes(model) -> int:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
+        # int8 weights packed for oneDNN are not buffers (one byte per weight)
+        total += sum(m.packed.numel() for m in module.modules() if getattr(m, "packed", None) is not None)
     return total
 
 
