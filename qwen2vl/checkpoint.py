@@ -158,6 +158,9 @@ def build_from_tensors(cls, config: Qwen2VLConfig, items, dtype, device, what: s
     if problems:
         raise ValueError(f"{what} does not fit the model described by its config: " + "; ".join(problems))
     model.tie_weights()
+    if config.quantization_config is not None:
+        from .quant.model import release_free_memory
+        release_free_memory()
     return model.eval()
 
 
