@@ -15,6 +15,7 @@ from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.quant.linear import (
     GEMM_ROWS,
     ONEDNN,
+    ONEDNN_MIN_OUT,
     Int4Linear,
     Int8Linear,
     QuantLinear,
@@ -78,7 +79,7 @@ def test_int8_packed_error_is_within_the_activation_rounding_bound(rows):
     """Per-row int8 on the CPU multiplies each input row as two int8 roundings; what is left, at most
     s2 / 2 per entry (s2 <= absmax / 127 / 254), bounds the difference from the weight-only product
     by sum_k |w[n, k]| * s2 / 2 per output."""
-    linear = nn.Linear(1536, 320, bias=False)
+    linear = nn.Linear(1536, ONEDNN_MIN_OUT, bias=False)
     module = quantize_linear(linear, "int8")
     assert module.packed is not None and module.qweight is None
     assert torch.equal(module.int8_weight(), (module.quant_weight().q.to(torch.int16) - 128).to(torch.int8))
@@ -90,12 +91,12 @@ def test_int8_packed_error_is_within_the_activation_rounding_bound(rows):
     bound = (s2.double() / 2) * w.abs().sum(1)  # (rows, N)
     err = (module(x).double() - exact).abs()
     assert bool((err <= bound * (1 + 1e-4) + 1e-6 * exact.abs().max()).all())
-    torch.testing.assert_close(module(x).double(), reference(module, x, module.quant_weight(), torch.zeros(320)),
+    torch.testing.assert_close(module(x).double(), reference(module, x, module.quant_weight(), torch.zeros(ONEDNN_MIN_OUT)),
                                atol=1e-5 * exact.abs().max().item(), rtol=0)
 
 
 def test_int8_packed_weight_moves_off_the_cpu_as_plain_int8():
-    module = quantize_linear(nn.Linear(64, 48), "int8")
+    module = quantize_linear(nn.Linear(64, ONEDNN_MIN_OUT), "int8")
     q = module.int8_weight()
     module.to(torch.float64)  # a dtype change keeps it packed
     assert (module.packed is not None) == ONEDNN

@@ -31,6 +31,9 @@ INT4_GROUPS = (32, 64, 128, 256)
 # matrix-vector kernel.
 GEMM_ROWS = {4: 256, 8: 16}
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+# oneDNN's int8 kernel takes milliseconds of CPU time for narrow outputs (1536 inputs, 2 rows: 64 outputs
+# 4.7 ms, 128 9.4 ms; 320 outputs 31 us, 2048 144 us); narrower layers keep the weight-only kernel.
+ONEDNN_MIN_OUT = 320
 _BLOCK_N = 64  # the CPU int4 layout packs rows in blocks of 64
 
 
@@ -77,7 +80,7 @@ class Int8Linear(QuantLinear):
         # On the CPU with oneDNN the packed weight replaces ``qweight`` (the same bytes in oneDNN's
         # blocked layout; not a buffer, it cannot leave the CPU); ``int8_weight()`` reads it back.
         self.packed = None
-        if self.per_row and ONEDNN and q.device.type == "cpu":
+        if self.per_row and ONEDNN and q.device.type == "cpu" and q.shape[0] >= ONEDNN_MIN_OUT:
             self.packed = torch.ops.onednn.qlinear_prepack(q, None)  # (K, N) opaque
             self.packed_scales = self.scales.float().view(-1)  # (N,) float32, as the kernel takes them
             self.packed_zeros = torch.zeros(q.shape[0], dtype=torch.long)
@@ -113,6 +116,7 @@ class Int8Linear(QuantLinear):
         return QuantWeight(8, self.group_size, q, self.scales.clone(), zeros, self.bias, self.perm)
 
 
+@torch.library.custom_op("qwen2vl::int8_matmul", mutates_args=())
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """``x (M, K)`` float times the oneDNN-packed int8 weight ``(K, N)`` -> ``(M, N)`` in x's dtype.
 
@@ -121,7 +125,9 @@ def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     s1 / 254`` and ``|e| <= s2 / 2`` (about 15 bits, below bfloat16's rounding of all but the smallest
     entries). Both go through one kernel call of 2M rows: at decode the weight is read once either
     way. The kernel sums ``q * weight`` exactly in int32 and applies the weight's row scales (input
-    scale 1); the rows' scales multiply its float32 output.
+    scale 1); the rows' scales multiply its float32 output. A custom op, so ``torch.compile`` runs
+    it as it is (the same numbers as eager; Inductor's own lowering of the kernel wants the packed
+    weight frozen into the graph).
     """
     m = x.shape[0]
     xf = x.float()
@@ -133,6 +139,11 @@ def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales, zeros, None, 1.0, 0, torch.float32,
                                            "none", [], "")  # (2M, N) float32
     return torch.addcmul(y[:m] * s1, y[m:], s2).to(x.dtype)
+
+
+@int8_matmul.register_fake
+def _(x, packed, scales, zeros):
+    return x.new_empty((x.shape[0], scales.shape[0]))
 
 
 class Int4Linear(QuantLinear):
