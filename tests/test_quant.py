@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 
 import pytest
 import torch
@@ -165,6 +167,18 @@ def test_no_float_copy_of_a_quantized_weight_is_kept(tmp_path, scheme):
         embed = m.model.embed_tokens.weight
         big = [n for n, p in m.named_parameters() if p.numel() >= 32 * 32 and p is not embed and "patch_embed" not in n]
         assert big == [], big
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_loaded_quantized_model_keeps_no_file_mapped(tmp_path, scheme):
+    """Every tensor is copied out of the checkpoint's memory map: a view kept by any module would keep
+    the whole file mapped and each page read from it resident."""
+    tiny(tied=True).quantize(scheme, group_size=None if scheme == "int8" else 32).save_pretrained(tmp_path)
+    model = Qwen2VL.from_pretrained(tmp_path)
+    gc.collect()
+    mapped = [line for line in open("/proc/self/maps") if str(tmp_path) in line]
+    assert mapped == [] and model.lm_head is not None
 
 
 def test_quantize_keeps_float_where_asked():

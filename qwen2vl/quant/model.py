@@ -127,10 +127,13 @@ def install_quantized(model, config, items, dtype: torch.dtype, device: torch.de
     v2 = qc.get("checkpoint_format") == "gptq_v2"
     # The getters only work while the checkpoint's files are open (during the iteration), and
     # which layers are quantized is known only after the last key: read the tensors now, each
-    # released once it is used (memory stays at about one copy of the files).
+    # released once it is used (memory stays at about one copy of the files). They are copied out
+    # of the files' memory maps: a view kept by any module would keep a whole file mapped and
+    # every page read from it resident (random 2B int4: 2.63 GB resident after load, 1.2 GB of it
+    # file pages, against 1.71 GB of tensors).
     store = {}
     for key, get, source in items:
-        store[normalize_key(key)] = (get(), source)
+        store[normalize_key(key)] = (get().clone(), source)
     items = [(key, (lambda key=key: store.pop(key)[0]), source) for key, (_, source) in store.items()]
     layers = {key.rpartition(".")[0] for key, _, _ in items if key.endswith(".qweight")}
     grouped: dict[str, dict] = defaultdict(dict)
