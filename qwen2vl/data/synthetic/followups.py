@@ -24,9 +24,9 @@ from collections import Counter
 from ...agent.grounding import format_box, normalize_coords
 from ...agent.tools import format_call
 from .charts import MAX_Q, MIN_Q, VALUE_Q
-from .common import COLOURS, Sample, plural
+from .common import COLOURS, Sample
 from .gui import CLICK_Q, click_call
-from .shapes import COUNT_Q, GROUND_Q, SHAPES
+from .shapes import COUNT_Q, GROUND_Q, SHAPES, count_target
 
 
 def followup_rng(split: str, seed: int, index: int) -> random.Random:
@@ -62,14 +62,8 @@ def _first_key(sample: Sample) -> tuple:
     if sample.task == "gui" and meta["kind"] == "click":
         return ("click", meta["label"])
     if sample.task == "counting":
-        return ("count", _things(meta["kind"], meta["target"]["colour"], meta["target"]["shape"]))
+        return ("count", count_target(meta["kind"], meta["target"]["colour"], meta["target"]["shape"])[1])
     return ("question", sample.question)
-
-
-def _things(mode: str, colour: str | None, shape: str | None) -> str | None:
-    """What a counting question of ``mode`` counts, as its question names it (None: everything)."""
-    return {"combo": lambda: plural(f"{colour} {shape}"), "shape": lambda: plural(shape),
-            "colour": lambda: f"{colour} shapes", "all": lambda: None}[mode]()
 
 
 def _shape_question(meta: dict, rng: random.Random) -> tuple[str, str, tuple]:
@@ -86,11 +80,9 @@ def _shape_question(meta: dict, rng: random.Random) -> tuple[str, str, tuple]:
     colour = present["colour"] if present else rng.choice(sorted(COLOURS))
     shape = present["shape"] if present else rng.choice(SHAPES)
     mode = rng.choices(["combo", "shape", "colour", "all"], weights=[4, 3, 2, 1])[0]
-    matches = {"combo": lambda o: (o["colour"], o["shape"]) == (colour, shape), "shape": lambda o: o["shape"] == shape,
-               "colour": lambda o: o["colour"] == colour, "all": lambda o: True}[mode]
-    things = _things(mode, colour, shape)
+    matches, things = count_target(mode, colour, shape)
     question = rng.choice(COUNT_Q).format(things=things or rng.choice(["shapes", "objects"]))
-    return question, str(sum(map(matches, objects))), ("count", things)
+    return question, str(sum(matches(o["colour"], o["shape"]) for o in objects)), ("count", things)
 
 
 def _chart_question(meta: dict, rng: random.Random) -> tuple[str, str, tuple]:

@@ -170,6 +170,18 @@ def _other(rng: random.Random, avoid) -> tuple[str, str]:
             return colour, shape
 
 
+def count_target(mode: str, colour: str | None, shape: str | None):
+    """What a counting question of ``mode`` counts: ``(matches(colour, shape) -> bool, its name)``;
+    the name is None for "all" (the question says "shapes" or "objects")."""
+    if mode == "combo":
+        return (lambda c, s: c == colour and s == shape), plural(f"{colour} {shape}")
+    if mode == "shape":
+        return (lambda c, s: s == shape), plural(shape)
+    if mode == "colour":
+        return (lambda c, s: c == colour), f"{colour} shapes"
+    return (lambda c, s: True), None
+
+
 def counting(rng: random.Random, policy: SizePolicy, style: Style = PLAIN, most: tuple[int, int] = (9, 6),
              min_frac: float = 0.0) -> Sample:
     """Count the shapes of a colour, a kind, both, or all: up to ``most`` = (targets, others) objects,
@@ -181,14 +193,8 @@ def counting(rng: random.Random, policy: SizePolicy, style: Style = PLAIN, most:
     cap = _capacity(*size)
     k = 0 if (mode != "all" and rng.random() < 0.06) else rng.randint(1, min(most[0], cap))
     m = 0 if mode == "all" else rng.randint(0, max(0, min(most[1], cap - k)))
-    if mode == "combo":
-        matches, things = (lambda c, s: c == colour and s == shape), plural(f"{colour} {shape}")
-    elif mode == "shape":
-        matches, things = (lambda c, s: s == shape), plural(shape)
-    elif mode == "colour":
-        matches, things = (lambda c, s: c == colour), f"{colour} shapes"
-    else:
-        matches, things = (lambda c, s: True), rng.choice(["shapes", "objects"])
+    matches, things = count_target(mode, colour, shape)
+    things = things or rng.choice(["shapes", "objects"])
     targets = [(colour if mode in ("combo", "colour") else rng.choice(sorted(COLOURS)),
                 shape if mode in ("combo", "shape") else rng.choice(SHAPES)) for _ in range(k)]
     specs = targets + [_other(rng, matches) for _ in range(m)]
