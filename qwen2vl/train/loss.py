@@ -81,10 +81,16 @@ def token_weights(targets: torch.Tensor, segment_ids: torch.Tensor, power: float
     if power == 0:
         return None
     keep = targets != IGNORE  # (B, T)
-    continues = F.pad(keep[:, :-1] & (segment_ids[:, 1:] == segment_ids[:, :-1]), (1, 0), value=False)
-    answer = torch.cumsum((keep & ~continues).flatten(), 0).view_as(keep)  # answer id of each supervised position
+    answer = answer_ids(keep, segment_ids)
     counts = torch.bincount(answer[keep], minlength=int(answer.max()) + 1).float()  # tokens per answer
     return torch.where(keep, counts[answer].clamp(min=1) ** -power, 0.0)
+
+
+def answer_ids(keep: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) number (from 1) of the answer each supervised position belongs to: an answer is a run of
+    supervised positions (``keep``) within one sample (``segment_ids``); 0 before the first answer."""
+    continues = F.pad(keep[:, :-1] & (segment_ids[:, 1:] == segment_ids[:, :-1]), (1, 0), value=False)
+    return torch.cumsum((keep & ~continues).flatten(), 0).view_as(keep)
 
 
 def answer_lengths(labels: torch.Tensor) -> list[int]:
@@ -93,15 +99,9 @@ def answer_lengths(labels: torch.Tensor) -> list[int]:
     >>> answer_lengths(torch.tensor([-100, 4, 5, -100, -100, 6]))
     [2, 1]
     """
-    keep = (labels[1:] != IGNORE).tolist()
-    runs, n = [], 0
-    for k in keep + [False]:
-        if k:
-            n += 1
-        elif n:
-            runs.append(n)
-            n = 0
-    return runs
+    keep = (labels[1:] != IGNORE)[None]  # (1, T - 1)
+    answer = answer_ids(keep, torch.zeros_like(keep, dtype=torch.long))
+    return torch.bincount(answer[keep]).tolist()[1:]
 
 
 def answer_weight_sum(answer_tokens: list[int], power: float) -> float:
