@@ -263,6 +263,36 @@ def test_reading_small_text_tags_and_ink(style):
     assert kinds == {"document", "receipt", "sign"}
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_words_are_short_texts_filling_a_sign(style):
+    """``words``, the reading curriculum's start: reading samples of kind sign, text as big as fits."""
+    for s in samples("words", n=40, policy="per-task", style=style):
+        w, h = s.image.size
+        assert s.task == "reading" and s.meta["kind"] == "sign" and not s.meta["small_text"]
+        assert max(w, h) <= 320 and len(s.answer.split()) <= 3
+        x1, y1, x2, y2 = s.meta["text_box"]
+        assert (x2 - x1) >= 0.5 * w or (y2 - y1) >= 0.35 * h  # the text fills the sign one way or the other
+        region = np.asarray(s.image.convert("L"))[y1:y2, x1:x2]
+        assert region.max() - region.min() > 60
+
+
+def test_a_style_mix_draws_one_style_per_sample_on_its_own_stream():
+    """A mix leaves each sample as its drawn style makes it, so a plain-only mix is the plain stream."""
+    mix = {"plain": 0.5, "varied": 0.5}
+    drawn = [styles.pick_style(mix, "train", 4, i) for i in range(40)]
+    assert set(drawn) == {"plain", "varied"} and drawn == [styles.pick_style(mix, "train", 4, i) for i in range(40)]
+    for i in range(6):
+        for task in ("counting", "reading"):
+            got = digest(generate_sample(i, 4, "train", [task], "per-task", mix))
+            assert got == digest(generate_sample(i, 4, "train", [task], "per-task", drawn[i]))
+            assert digest(generate_sample(i, 4, "train", [task], "per-task", {"plain": 1})) == \
+                digest(generate_sample(i, 4, "train", [task], "per-task"))
+    for bad, message in [({"noisy": 1}, "unknown or no styles"), ({"plain": -1}, "non-negative"),
+                         ({"plain": 0}, "positive sum"), ({}, "unknown or no styles")]:
+        with pytest.raises(ValueError, match=message):
+            styles.pick_style(bad, "train", 0, 0)
+
+
 # ----------------------------------------------------------------------------------- phrasing and sizes
 
 TEMPLATES = [reading.TITLE_Q, reading.FIELD_Q, reading.TOTAL_Q, reading.PRICE_Q, reading.STORE_Q, reading.SIGN_Q,
@@ -443,7 +473,7 @@ def test_varied_style_is_deterministic_and_differs_from_plain():
         b = generate_sample(5, 2, "train", [task], "compact", "varied")
         assert digest(a) == digest(b) and "style" in a.meta
         assert digest(a) != digest(generate_sample(5, 2, "train", [task], "compact"))
-    with pytest.raises(ValueError, match="unknown generator style 'fancy'"):
+    with pytest.raises(ValueError, match="style 'fancy' is not one of"):
         generate_sample(0, 0, style="fancy")
 
 

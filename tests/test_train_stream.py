@@ -72,6 +72,9 @@ def test_style_is_set_globally_and_per_phase(tmp_path, encode):
     plain, varied = (stream.record(g * ROW_STRIDE, stream.settings_at(g)) for g in (0, 2))
     assert "style" not in plain["meta"] and "style" in varied["meta"]
     assert "varied style" in stream.summary()
+    mixed = SyntheticStream(write_spec(tmp_path / "mixed.yaml", style={"plain": 0.5, "varied": 0.5}), encode, SEQ_LEN)
+    looks = {"style" in mixed.record(i, mixed.settings_at(0))["meta"] for i in range(12)}
+    assert looks == {True, False} and "{'plain': 0.5, 'varied': 0.5} style" in mixed.summary()
     default = SyntheticStream(write_spec(tmp_path / "plain.yaml"), encode, SEQ_LEN)
     assert {default.settings_at(g).style for g in range(3)} == {"plain"}  # unchanged for specs without it
 
@@ -82,6 +85,7 @@ def test_style_is_set_globally_and_per_phase(tmp_path, encode):
     ({"packing": "tight"}, "packing 'tight' is not one of ['first', 'fill']"),
     ({"questions": 0}, "questions must be an integer >= 1, got 0"),
     ({"phases": [{"rows": 1, "style": "noisy"}]}, "phase 1: style 'noisy' is not one of"),
+    ({"style": {"plain": 1, "glossy": 1}}, "unknown or no styles ['glossy'] in a style mix"),
     ({"colours": 3}, "unknown key(s) ['colours']"),
     ({"tasks": {"juggling": 1}}, "unknown or no tasks ['juggling']"),
     ({"phases": [{"tasks": {"basics": 1}}]}, "phase 1 needs rows >= 1"),

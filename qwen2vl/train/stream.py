@@ -7,7 +7,8 @@ A stream is given as a YAML file in place of the JSONL data (``data: mix.yaml``)
       seed: 0
       tasks: {reading: 0.3, counting: 0.2, grounding: 0.2, chart: 0.1, video: 0.1, gui: 0.1}
       size_policy: per-task          # a name of qwen2vl.data.synthetic.SIZE_POLICIES
-      style: varied                  # generator look: plain (default, the original) or varied (STYLES)
+      style: varied                  # generator look: plain (default, the original) or varied (STYLES),
+                                     # or a per-sample mix such as {plain: 0.8, varied: 0.2}
       video_pixels: [3136, 50176]    # per-frame pixel budget of videos (optional)
       force_size: [224, 224]         # every image and frame squashed to this size (optional, ablation)
       packing: fill                  # first (default): a row ends at the first sample that does not fit;
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.synthetic import SIZE_POLICIES, STYLES, force_media_size, generate_sample, set_video_pixels
+from ..data.synthetic import SIZE_POLICIES, force_media_size, generate_sample, set_video_pixels
+from ..data.synthetic.style import style_mix
 from ..data.synthetic.writer import task_mix, to_record
 from ..processing.sources import MediaError
 from .dataset import DataError
@@ -50,7 +52,7 @@ class Settings:
     size_policy: str
     video_pixels: tuple[int, int] | None
     force_size: tuple[int, int] | None
-    style: str = "plain"
+    style: str | dict[str, float] = "plain"  # a name, or a per-sample mix {name: weight}
     packing: str = "first"
     questions: int = 1
 
@@ -71,9 +73,10 @@ def _settings(raw: dict, base: Settings | None, where: str) -> Settings:
     values["size_policy"] = values["size_policy"] or "varied"
     if values["size_policy"] not in SIZE_POLICIES:
         raise DataError(f"{where}: size_policy {values['size_policy']!r} is not one of {sorted(SIZE_POLICIES)}")
-    values["style"] = values["style"] or "plain"
-    if values["style"] not in STYLES:
-        raise DataError(f"{where}: style {values['style']!r} is not one of {list(STYLES)}")
+    try:
+        values["style"] = style_mix(values["style"] or "plain")
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
     values["questions"] = 1 if values["questions"] is None else values["questions"]
     if not isinstance(values["questions"], int) or isinstance(values["questions"], bool) or values["questions"] < 1:
         raise DataError(f"{where}: questions must be an integer >= 1, got {values['questions']!r}")

@@ -86,6 +86,17 @@ def generate(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sa
     sample = {"document": document, "receipt": receipt, "sign": sign}[kind](rng, policy, small, style)
     if sample is None:  # nothing of the page fitted: a sign always does
         sample = sign(rng, policy, small, style)
+    return _with_text_size(sample)
+
+
+def words(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+    """The start of a reading curriculum: a sign filling the image, its short text (one to three sign
+    words, a word or a code) in the largest font that fits. A ``reading`` sample of kind ``sign``."""
+    return _with_text_size(sign(rng, policy, False, style))
+
+
+def _with_text_size(sample: Sample) -> Sample:
+    """``sample`` with the size facts of its answer's text in its meta (see the module's docstring)."""
     w, h = sample.image.size
     px = sample.meta["font_px"]
     sample.meta.update(size=[w, h], text_px_224=round(text_px_224(px, (w, h)), 2),

@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,6 +272,37 @@ class Style:
 
 
 PLAIN = Style()
+
+
+def style_mix(style: str | Mapping[str, float]) -> str | dict[str, float]:
+    """A style name, or a mapping of style names to weights (a per-sample mix), checked."""
+    if isinstance(style, str):
+        if style not in STYLES:
+            raise ValueError(f"style {style!r} is not one of {list(STYLES)}")
+        return style
+    mix = {str(k): v for k, v in dict(style).items()}
+    unknown = sorted(set(mix) - set(STYLES))
+    if unknown or not mix:
+        raise ValueError(f"unknown or no styles {unknown} in a style mix; expected some of {list(STYLES)}")
+    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in mix.values()) \
+            or sum(mix.values()) <= 0:
+        raise ValueError(f"style weights must be non-negative numbers with a positive sum, got {mix}")
+    return {k: float(w) for k, w in mix.items()}
+
+
+def pick_style(style: str | Mapping[str, float], split: str, seed: int, index: int) -> str:
+    """The style of sample ``index``: ``style`` itself, or drawn from a mix with a random stream of its
+    own, so that the sample's stream (and the sample) is what that one style gives.
+
+    >>> pick_style({"plain": 0.5, "varied": 0.5}, "train", 0, 7) in STYLES
+    True
+    """
+    style = style_mix(style)
+    if isinstance(style, str):
+        return style
+    names = sorted(style)
+    rng = random.Random(f"qwen2vl-synthetic-style:{split}:{int(seed)}:{int(index)}")
+    return rng.choices(names, weights=[style[n] for n in names])[0]
 
 
 def make_style(name: str, rng: random.Random, split: str) -> Style:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import charts, gui, reading, shapes, video
 from .common import Sample, SizePolicy, sample_rng, size_policy
 from .followups import followup_rng, followups
-from .style import make_style
+from .style import make_style, pick_style
 
 TASKS = {
     "reading": reading.generate,
@@ -40,6 +40,7 @@ TASKS = {
     "gui": gui.generate,
     "basics": shapes.basics,
     "scenes": shapes.scenes,
+    "words": reading.words,
 }
 DEFAULT_MIX = {"reading": 0.3, "counting": 0.2, "grounding": 0.2, "chart": 0.15, "video": 0.15}
 
@@ -58,12 +59,13 @@ def task_mix(tasks: Sequence[str] | Mapping[str, float] | None) -> dict[str, flo
 
 
 def generate_sample(index: int, seed: int, split: str = "train", tasks=None,
-                    image_size_policy: str | SizePolicy = "varied", style: str = "plain",
+                    image_size_policy: str | SizePolicy = "varied", style: str | Mapping[str, float] = "plain",
                     questions: int = 1) -> Sample:
     """Sample ``index`` of ``(split, seed)``: a pure function of its arguments.
 
     ``style``: "plain" (the original look, byte for byte) or "varied" (fonts, colours, backgrounds,
-    layouts drawn from the same rng; its facts are in ``meta["style"]``), see :mod:`.style`.
+    layouts drawn from the same rng; its facts are in ``meta["style"]``), see :mod:`.style`; or a
+    mix such as ``{"plain": 0.8, "varied": 0.2}``, drawn per sample (:func:`.style.pick_style`).
     ``questions``: up to this many questions about the media (``questions - 1`` follow-ups, where the
     task has them, see :mod:`.followups`); the first question, the media and the meta do not change.
     """
@@ -71,7 +73,7 @@ def generate_sample(index: int, seed: int, split: str = "train", tasks=None,
     rng = sample_rng(split, seed, index)
     names = sorted(mix)
     task = rng.choices(names, weights=[mix[t] for t in names])[0]
-    look = make_style(style, rng, split)
+    look = make_style(pick_style(style, split, seed, index), rng, split)
     if look.plain:
         sample = TASKS[task](rng, size_policy(image_size_policy).for_task(task))
     else:
