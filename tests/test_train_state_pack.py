@@ -36,7 +36,7 @@ def test_pack_unpack_resume_continues_the_run(tmp_path):
     assert {p.name for p in packed.iterdir()} == {"state.pt", "tokenizer", "config.json", "metrics.jsonl",
                                                  "options.json"}
     moments = torch.load(packed / "state.pt", weights_only=False)["checkpoint"]["optim"]["state"]
-    assert {v["exp_avg"].dtype for v in moments.values()} == {torch.bfloat16}
+    assert {v["exp_avg"]["codes"].dtype for v in moments.values()} == {torch.float8_e4m3fn}
 
     # its weights as a bf16 checkpoint: those of the step-3 checkpoint, rounded
     model = Qwen2VL.from_pretrained(state.export(packed, tmp_path / "model"), dtype=torch.float32)
@@ -52,7 +52,7 @@ def test_pack_unpack_resume_continues_the_run(tmp_path):
     assert main(train_args(tmp_path, data, again / "stage2", **common) + ["--resume"]) == 0
     resumed = read_metrics(again / "stage2" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))  # the packed steps' records came along
-    # Adam's moments came back rounded to bfloat16: close to, not equal to, the float32 resume
+    # Adam's moments came back rounded to 8 bits: close to, not equal to, the float32 resume
     fp32 = tmp_path / "fp32"
     shutil.copytree(run, fp32)
     assert main(train_args(tmp_path, data, fp32 / "stage2", **common) + ["--resume"]) == 0
@@ -60,3 +60,22 @@ def test_pack_unpack_resume_continues_the_run(tmp_path):
     for step in (4, 5, 6):
         assert resumed[step - 1]["loss"] == pytest.approx(exact[step], rel=1e-3)
     assert len({exact[s] for s in (4, 5, 6)}) == 3  # training moved on after the resume
+
+
+def test_moments_round_trip_through_8_bits_within_their_rounding():
+    state = load_state_module()
+    torch.manual_seed(0)
+    grads = torch.randn(1000, 37) * torch.logspace(-6, 0, 37)  # columns of very different magnitudes
+    exp_avg, exp_avg_sq = grads * 0.1, grads.square() * 0.001
+    for value, root, bound in ((exp_avg, False, 1 / 16), (exp_avg_sq, True, 1 / 8)):
+        stored = state.encode_moment(value, root)
+        assert stored["codes"].numel() == 37 * 1000 + (-37 * 1000) % state.BLOCK
+        back = state.decode_moment(stored)
+        assert back.shape == value.shape and back.dtype == torch.float32
+        block_max = torch.nn.functional.pad(value.abs().flatten(), (0, (-value.numel()) % state.BLOCK)) \
+            .view(-1, state.BLOCK).amax(1).repeat_interleave(state.BLOCK)[:value.numel()].view(value.shape)
+        normal = value.abs() > block_max * (1e-4 if not root else 1e-8)  # away from float8's subnormals
+        assert ((back - value).abs() <= bound * value.abs())[normal].all()
+        assert (back.sign() == value.sign())[back != 0].all()
+    old = exp_avg.to(torch.bfloat16)  # the states packed before carried bfloat16 moments
+    assert torch.equal(state.decode_moment(old), old.float())
