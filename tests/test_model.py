@@ -144,3 +144,24 @@ def test_fused_projections_give_the_same_logits_and_save_unfused(tmp_path):
     with torch.no_grad():
         reloaded = Qwen2VL.from_pretrained(tmp_path)(ids, pixel_values=pv, image_grid_thw=grid)
     torch.testing.assert_close(reloaded, before, rtol=1e-5, atol=1e-6)
+
+
+def test_segments_attend_like_the_full_row_mask():
+    """Run-by-run attention == one masked attention over the row (values and gradients), with left
+    and right padding, runs of one token and grouped-query heads."""
+    from qwen2vl.model.text import Segments
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 0], [1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0]])
+    t = ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)) & (ids > 0).unsqueeze(1)
+    dense = ((causal & same) | torch.eye(t, dtype=torch.bool)).unsqueeze(1)  # padding attends to itself
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, t, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    out = Segments.from_ids(ids).attend(q, k, v)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * torch.linspace(-1, 1, 8)).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    assert Segments.from_ids(ids).runs == (((2, 5), (5, 6), (6, 10)), ((0, 6), (6, 9)))

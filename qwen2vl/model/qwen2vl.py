@@ -16,7 +16,7 @@ from ..config import Qwen2VLConfig
 from .kv_cache import KVCache
 from .positions import rope_index
 from .rope import mrope_cos_sin
-from .text import TextModel, attention_mask_from_segments
+from .text import Segments, TextModel
 from .vision import VisionTransformer
 
 
@@ -71,7 +71,7 @@ class Qwen2VL(nn.Module):
         t = self.config.text
         return mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section, dtype)
 
-    def decode(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+    def decode(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | Segments | None,
                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder hidden states ``(B, T, H)`` (after the final norm)."""
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
@@ -97,7 +97,7 @@ class Qwen2VL(nn.Module):
             position_ids, _ = rope_index(self.config, input_ids, image_grid_thw, video_grid_thw, attention_mask)
         if segment_ids is None and attention_mask is not None and not bool(attention_mask.all()):
             segment_ids = attention_mask.long()
-        mask = attention_mask_from_segments(segment_ids) if segment_ids is not None else None
+        mask = Segments.from_ids(segment_ids) if segment_ids is not None else None
         hidden = self.decode(x, position_ids, mask)
         return hidden if return_hidden else self.lm_head(hidden)
 

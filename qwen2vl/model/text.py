@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         self.qkv_proj = fused
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | Segments | None,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         if self.qkv_proj is not None:
@@ -68,8 +69,11 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, slots)  # (B, KV, S, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        if isinstance(mask, Segments):
+            out = mask.attend(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                                 enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -147,9 +151,10 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | Segments | None,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """x: input embeddings (B, T, H); cos/sin (B, T, D); mask bool (B, 1, T, S) or None for causal."""
+        """x: input embeddings (B, T, H); cos/sin (B, T, D); mask bool (B, 1, T, S), packed
+        :class:`Segments` (no cache), or None for causal."""
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -158,19 +163,56 @@ class TextModel(nn.Module):
         return self.norm(x)
 
 
-def attention_mask_from_segments(segments: torch.Tensor) -> torch.Tensor:
-    """Causal mask ``(B, 1, T, T)`` (True = attend) from per-token segment ids ``(B, T)``.
+@dataclass(frozen=True)
+class Segments:
+    """Packed rows as runs of tokens: a token attends to earlier tokens of its own run (causal), and
+    a padding token (outside every run) to itself only.
 
-    A token attends to earlier tokens of its own segment; segment 0 is padding. A padding row
-    attends to itself only, so no row is empty (an all-masked row would give NaN, and NaN
-    values of padding would then poison the real rows through ``0 * NaN``).
+    ``runs[b]`` holds row ``b``'s ``(start, end)`` per sample. Attention is computed run by run, so
+    a row costs ``sum(len ** 2)`` instead of ``T ** 2``: four samples of 128 tokens in a 512-token
+    row cost a quarter of the masked full-row attention.
 
-    Example: segments [[0, 1, 1, 2]] (left pad, a 2-token sample, a 1-token sample) lets token 2
-    see tokens 1-2 and token 3 see only itself.
+    >>> Segments.from_ids(torch.tensor([[0, 1, 1, 2]])).runs   # left pad, a 2-token sample, a 1-token one
+    (((1, 3), (3, 4)),)
     """
-    t = segments.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
-    same = segments.unsqueeze(2) == segments.unsqueeze(1)  # (B, T, T)
-    real = (segments > 0).unsqueeze(1)  # key is not padding
-    eye = torch.eye(t, dtype=torch.bool, device=segments.device)
-    return ((causal & same & real) | eye).unsqueeze(1)
+
+    runs: tuple[tuple[tuple[int, int], ...], ...]
+
+    @classmethod
+    def from_ids(cls, segment_ids: torch.Tensor) -> Segments:
+        """From per-token segment ids ``(B, T)``: 0 = padding, k > 0 = sample k (each a contiguous run)."""
+        rows = []
+        for ids in segment_ids.tolist():
+            runs, start = [], 0
+            for t in range(1, len(ids) + 1):
+                if t == len(ids) or ids[t] != ids[start]:
+                    if ids[start] > 0:
+                        runs.append((start, t))
+                    start = t
+            rows.append(tuple(runs))
+        return cls(tuple(rows))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``(B, H, T, D)``, k/v ``(B, KV, T, D)`` -> ``(B, H, T, D)``.
+
+        Rows and runs are cut with ``unbind`` and ``split`` (whose backward is one ``stack`` / ``cat``),
+        not by indexing (whose backward writes a zero tensor of the whole input per piece)."""
+        t, gqa, repeat = q.shape[2], q.shape[1] != k.shape[1], q.shape[1] // k.shape[1]
+        rows = []
+        for runs, qb, kb, vb in zip(self.runs, q.unbind(0), k.unbind(0), v.unbind(0)):  # (H or KV, T, D)
+            pieces, pos = [], 0  # (length, is a run), covering the row
+            for start, end in runs:
+                pieces += [(start - pos, False)] if start > pos else []
+                pieces.append((end - start, True))
+                pos = end
+            pieces += [(t - pos, False)] if t > pos else []
+            sizes = [n for n, _ in pieces]
+            out = []
+            for (_, run), qi, ki, vi in zip(pieces, qb.split(sizes, 1), kb.split(sizes, 1), vb.split(sizes, 1)):
+                if run:
+                    out.append(F.scaled_dot_product_attention(qi[None], ki[None], vi[None], is_causal=True,
+                                                              enable_gqa=gqa)[0])
+                else:  # padding: its own value
+                    out.append(vi.repeat_interleave(repeat, dim=0))
+            rows.append(torch.cat(out, dim=1))
+        return torch.stack(rows)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..model.text import attention_mask_from_segments
+from ..model.text import Segments
 from .packing import IGNORE, PackedBatch
 
 
@@ -41,7 +41,7 @@ class LossModel(nn.Module):
         x = net.embed(batch.input_ids, image_embeds, video_embeds)  # (B, T, H)
         if self.lockstep and torch.is_grad_enabled() and not x.requires_grad:
             x.requires_grad_(True)
-        mask = attention_mask_from_segments(batch.segment_ids)
+        mask = Segments.from_ids(batch.segment_ids)
         hidden = net.decode(x, batch.position_ids, mask)  # (B, T, H)
         weights = token_weights(batch.targets, batch.segment_ids, power)
         loss = supervised_loss_sum(hidden, batch.targets, net.lm_head, self.chunk_tokens, weights)
