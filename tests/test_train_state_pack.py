@@ -1,6 +1,7 @@
 """recipes/nano/state.py: a run packed into the repository's compact state resumes where it stopped."""
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -79,3 +80,25 @@ def test_moments_round_trip_through_8_bits_within_their_rounding():
         assert (back.sign() == value.sign())[back != 0].all()
     old = exp_avg.to(torch.bfloat16)  # the states packed before carried bfloat16 moments
     assert torch.equal(state.decode_moment(old), old.float())
+
+
+def test_progress_records_samples_seen_and_where_a_fitted_line_meets_a_target(tmp_path):
+    spec = importlib.util.spec_from_file_location("nano_progress", REPO / "recipes" / "nano" / "progress.py")
+    progress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(progress)
+    metrics = tmp_path / "metrics.jsonl"  # a resumed run repeats step 2: its last record counts
+    metrics.write_text("".join(f'{{"step": {s}, "samples": {n}}}\n' for s, n in [(1, 5), (2, 7), (2, 9), (3, 4)])
+                       + '{"step": 3, "eval_loss": 1.0}\n')
+    assert progress.samples_seen(metrics, 3) == 18
+    with pytest.raises(SystemExit, match="no record of 1 step"):
+        progress.samples_seen(metrics, 4)
+    report = tmp_path / "eval.json"
+    report.write_text('{"rows": [{"group": "counting", "n": 62, "score": 0.5}]}')
+    evals = tmp_path / "evals.jsonl"
+    progress.add(3, report, metrics, evals)
+    progress.add(3, report, metrics, evals)  # the same step again replaces its line
+    assert [json.loads(line)["samples"] for line in evals.read_text().splitlines()] == [18]
+    # 10 points per tenfold through (1e3, 20 %) and (1e4, 30 %): 80 % at 1e9 samples
+    assert progress.needed([(1000, 0.2), (10000, 0.3)], 0.8) == "1.0e+09 samples (10.0 points per tenfold)"
+    assert progress.needed([(1000, 0.3), (10000, 0.2)], 0.8) == "no upward trend yet"
+    assert progress.needed([(1000, 0.3)], 0.8) == "one point"
