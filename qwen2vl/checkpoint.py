@@ -159,7 +159,8 @@ def build_from_tensors(cls, config: Qwen2VLConfig, items, dtype, device, what: s
         raise ValueError(f"{what} does not fit the model described by its config: " + "; ".join(problems))
     model.tie_weights()
     if config.quantization_config is not None:
-        from .quant.model import release_free_memory
+        from .quant.model import compact_tied_embedding, release_free_memory
+        compact_tied_embedding(model)
         release_free_memory()
     return model.eval()
 

@@ -22,7 +22,6 @@ from qwen2vl.quant.linear import (
     Int8Linear,
     QuantLinear,
     quantize_linear,
-    unpack_int4_cpu,
 )
 from qwen2vl.quant.weights import quantize_weight
 
@@ -59,10 +58,20 @@ def test_linear_equals_its_dequantized_weight(dtype, scheme, group, sym, cls, ou
 
 def reference(module, x, qw, bias):
     """What ``module`` computes, in float64: a oneDNN-packed int8 layer sees each row of x as its
-    two int8 roundings (computed in float32, as the module does)."""
+    two int8 roundings (computed in float32, as the module does), our int4 kernel sees it rounded
+    to int8 in blocks of 32."""
     if getattr(module, "packed", None) is not None:
         x = sum(s.double() * q.double() for s, q in int8_split(x))
+    if getattr(module, "kernel", None) == "vnni":
+        x = int8_blocks(x)
     return F.linear(x.double(), qw.dequantize(torch.float64), bias.double())
+
+
+def int8_blocks(x):
+    """x rounded as the int4 kernel rounds it: int8 per block of 32 columns, scale absmax / 127 (float32)."""
+    b = x.float().unflatten(-1, (-1, 32))
+    s = b.abs().amax(-1, keepdim=True) / 127
+    return (torch.where(s > 0, (b / s).round(), 0) * s).flatten(-2).double()
 
 
 def int8_split(x):
@@ -110,7 +119,7 @@ def test_int4_packing_reads_back_and_per_row_int8_uses_the_kernel():
     w = torch.randn(192, 256)
     qw = quantize_weight(w, 4, 128, sym=False)
     module = Int4Linear(qw)
-    assert torch.equal(unpack_int4_cpu(module.qweight)[:192], qw.q)
+    assert torch.equal(module.quant_weight().q, qw.q)
     assert torch.equal(module.quant_weight().zeros, qw.zeros)
     assert Int8Linear(quantize_weight(w, 8)).per_row
     assert not Int8Linear(quantize_weight(w, 8, 64)).per_row
@@ -153,8 +162,9 @@ def test_quantized_checkpoint_round_trip(tmp_path, tied, scheme, group, sym):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_no_float_copy_of_a_quantized_weight_is_kept(tmp_path, scheme):
-    """Quantized in memory or loaded: the float tensors left are the embedding table, norms, biases,
-    the patch embedding and the per-row/group scales, nothing of a quantized layer's size."""
+    """Quantized in memory or loaded: the float tensors left are the embedding table (int8 rows with a
+    tied int4 lm_head), norms, biases, the patch embedding and the per-row/group scales, nothing of a
+    quantized layer's size."""
     model = tiny(tied=True).quantize(scheme, group_size=None if scheme == "int8" else 32)
     model.save_pretrained(tmp_path)
     for m in (model, Qwen2VL.from_pretrained(tmp_path)):
@@ -164,7 +174,8 @@ def test_no_float_copy_of_a_quantized_weight_is_kept(tmp_path, scheme):
                 if t.is_floating_point():  # scale (and offset) per row and group; int4 rows padded to 64
                     rows = -(-layer.out_features // 64) * 64
                     assert t.numel() <= 2 * rows * layer.in_features // layer.group_size, (name, key)
-        embed = m.model.embed_tokens.weight
+        embed = getattr(m.model.embed_tokens, "weight", None)
+        assert (embed is None) == (scheme == "int4")  # with an int4 lm_head the tied table is int8 rows
         big = [n for n, p in m.named_parameters() if p.numel() >= 32 * 32 and p is not embed and "patch_embed" not in n]
         assert big == [], big
 

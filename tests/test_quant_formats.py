@@ -18,11 +18,20 @@ from safetensors.torch import save_file
 
 from qwen2vl import Qwen2VL
 from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.quant import int4_cpu
 from qwen2vl.quant.linear import ConcatLinear, Int4Linear, Int8Linear
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+@pytest.fixture(autouse=True)
+def float_input_int4_kernel(monkeypatch):
+    """These tests check the published layouts against the float model, to float rounding: int4
+    layers use torch's kernel (float inputs). Our int8-input kernel, its layout and its loading of
+    the same checkpoints are tested in test_quant_int4.py."""
+    monkeypatch.setattr(int4_cpu, "available", lambda: False)
 
 
 def gptq_pack(q, zeros, bits):

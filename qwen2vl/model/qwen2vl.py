@@ -31,16 +31,17 @@ class Qwen2VL(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.text.tie_word_embeddings:
+        # a quantized model's table may be int8 rows (qwen2vl.quant.linear.Int8Embedding): nothing to tie
+        if self.config.text.tie_word_embeddings and isinstance(self.model.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     # ------------------------------------------------------------------ pieces
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@
   rounding of the rest (:func:`int8_matmul`, about 15 bits). Checkpoints with per-group int8 scales
   or zero points other than 128 (some GPTQ-Int8 releases) dequantize and matmul: correct, not fast.
 * :class:`Int4Linear`: 4-bit weights with a scale and zero point per group of 32/64/128/256 input
-  columns, packed for and multiplied by ``torch._weight_int4pack_mm_for_cpu`` (activations stay float).
+  columns. On the CPU each input row is rounded to int8 in blocks of 32 and multiplied in integers
+  by our AVX512-VNNI kernel (:mod:`qwen2vl.quant.int4_cpu`); where that kernel is not built, torch's
+  ``_weight_int4pack_mm_for_cpu`` (float activations).
 
 Neither has a ``weight`` attribute. Both keep an optional act-order input permutation (GPTQ
 ``desc_act``) and bias. Off the CPU (CUDA) they dequantize the weight and call ``F.linear``:
@@ -21,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import int4_cpu
 from .weights import QuantWeight, quantize_weight
 
 INT4_GROUPS = (32, 64, 128, 256)
 # From this many rows (prompt tokens) on, dequantizing the weight once per call and running the
-# float GEMM beats the packed kernel. Int4: on the 2B's gate/up (17920x1536, 1 thread) the kernel
+# float GEMM beats the packed kernel. Int4 with torch's kernel (not ours: see Int4Linear): on the 2B's gate/up (17920x1536, 1 thread) the kernel
 # costs about 0.6 ms per row, the dequantize about 190 ms per call whatever the rows
 # (benchmarks/quant_paths.py). Int8 without oneDNN (``torch._weight_int8pack_mm``): a
 # matrix-vector kernel.
@@ -147,6 +150,12 @@ def _(x, packed, scales, zeros):
 
 
 class Int4Linear(QuantLinear):
+    """4-bit weights, a scale and an offset per output row and group. Two kernels, each with its own
+    layout, chosen when the layer is built: ``kernel == "vnni"`` (:mod:`qwen2vl.quant.int4_cpu`, int8
+    activations, where it builds and the CPU has AVX512-VNNI) or ``"aten"``
+    (``torch._weight_int4pack_mm_for_cpu``, float activations). Both hold the same integers and
+    scales; saving reads them back (:meth:`quant_weight`)."""
+
     bits = 4
 
     def __init__(self, qw: QuantWeight, dtype: torch.dtype = torch.float32):
@@ -158,37 +167,92 @@ class Int4Linear(QuantLinear):
             raise ValueError(f"int4 group_size must be one of {INT4_GROUPS} and divide in_features; "
                              f"got group_size {qw.group_size} for in_features {k}")
         self._set_common(qw, dtype)
-        pad = -n % _BLOCK_N  # rows padded to the kernel's block; outputs sliced back
-        q = F.pad(qw.q.to(torch.int32), (0, 0, 0, pad))
+        self.kernel = "vnni" if qw.q.device.type == "cpu" and int4_cpu.available() else "aten"
+        pad = -n % (int4_cpu.BLOCK_N if self.kernel == "vnni" else _BLOCK_N)  # rows padded to the layout's block
+        q = F.pad(qw.q, (0, 0, 0, pad))
         scales = F.pad(qw.scales.float(), (0, 0, 0, pad), value=1.0)
         zeros = F.pad(qw.zeros.float(), (0, 0, 0, pad), value=8.0)
-        # the kernel computes (q - 8) * scale + offset per group, so offset = (8 - zero) * scale
+        # the kernels compute (q - 8) * scale + offset per group, so offset = (8 - zero) * scale
         offset = (8.0 - zeros) * scales
-        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q, 1))  # (Np, K/2) uint8
-        self.register_buffer("scales_and_zeros",
-                             torch.stack([scales.t(), offset.t()], dim=-1).to(dtype).contiguous())  # (G, Np, 2)
+        if self.kernel == "vnni":
+            kdtype = dtype if dtype in int4_cpu.DTYPES else torch.float32
+            self.register_buffer("qweight", int4_cpu.pack(q))  # (Np/16, K/8, 64) uint8
+            self.register_buffer("scales", int4_cpu.block_rows(scales.to(kdtype)))  # (Np/16, G, 16)
+            self.register_buffer("offsets", int4_cpu.block_rows(offset.to(kdtype)) if offset.any() else None)
+        else:
+            self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))  # (Np, K/2)
+            self.register_buffer("scales_and_zeros",
+                                 torch.stack([scales.t(), offset.t()], dim=-1).to(dtype).contiguous())  # (G, Np, 2)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.shape[0] < GEMM_ROWS[4]:
+        if x.device.type == "cpu" and self.kernel == "vnni" and self.scales.dtype in int4_cpu.DTYPES:
+            y = int4_cpu.matmul(x.to(self.scales.dtype), self.qweight, self.scales, self.offsets, self.group_size,
+                                self.out_features)
+            return y.to(x.dtype)
+        if x.device.type == "cpu" and self.kernel == "aten" and x.shape[0] < GEMM_ROWS[4]:
             sz = self.scales_and_zeros.to(x.dtype)
             return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, sz)[:, : self.out_features]
         return F.linear(x, self._dequantize(x.dtype).to(x.device))
 
+    def _parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The values ``(N, K)`` uint8, scales and offsets ``(N, G)``, whatever the layout."""
+        n = self.out_features
+        if self.kernel == "vnni":
+            scales = int4_cpu.unblock_rows(self.scales)
+            offsets = torch.zeros_like(scales) if self.offsets is None else int4_cpu.unblock_rows(self.offsets)
+            return int4_cpu.unpack(self.qweight)[:n], scales[:n], offsets[:n]
+        sz = self.scales_and_zeros[:, :n]
+        return _unpack(self.qweight)[:n], sz[..., 0].t(), sz[..., 1].t()
+
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float weight ``(N, K)`` (sorted input order), as the kernel computes it: (q - 8) * s + offset."""
-        q = _unpack(self.qweight.cpu())[: self.out_features]  # (N, K)
+        """The float weight ``(N, K)`` (sorted input order), as the kernels compute it: (q - 8) * s + offset."""
+        q, scales, offsets = self._parts()
         n, k = q.shape
-        sz = self.scales_and_zeros[:, : self.out_features].to(dtype)  # (G, N, 2)
-        w = (q.view(n, k // self.group_size, self.group_size).to(dtype) - 8) * sz[..., 0].t().unsqueeze(-1)
-        return (w + sz[..., 1].t().unsqueeze(-1)).view(n, k)
+        w = (q.view(n, k // self.group_size, self.group_size).to(dtype) - 8) * scales.to(dtype).unsqueeze(-1)
+        return (w + offsets.to(dtype).unsqueeze(-1)).view(n, k)
 
     def quant_weight(self) -> QuantWeight:
-        n = self.out_features
-        q = unpack_int4_cpu(self.qweight)[:n]
-        scales = self.scales_and_zeros[..., 0].t()[:n].contiguous()  # (N, G)
-        offset = self.scales_and_zeros[..., 1].t()[:n].float()
-        zeros = (8.0 - offset / scales.float()).round().to(torch.int16)
-        return QuantWeight(4, self.group_size, q, scales, zeros, self.bias, self.perm)
+        if self.kernel == "aten":
+            _check_int4_layout()
+        q, scales, offsets = self._parts()
+        zeros = (8.0 - offsets.float() / scales.float()).round().to(torch.int16)
+        return QuantWeight(4, self.group_size, q.cpu(), scales.contiguous(), zeros, self.bias, self.perm)
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding table kept as int8 rows, one power-of-two scale per row, dequantized at lookup.
+
+    Used where a tied ``lm_head`` is quantized: the float table then serves the lookup only (the 2B's
+    is 0.47 GB in bfloat16; this is 0.23 GB). Each row is ``q * 2**e`` with ``e`` the smallest
+    exponent for which ``|q| <= 127``: at least 7 significant bits for the row's largest entries
+    (error at most ``2**e / 2 <= absmax / 128`` per entry), and exact in bfloat16, float16 and
+    float32, so a checkpoint stores the table as the lookup computes it and loading quantizes it back
+    to the same integers.
+    """
+
+    def __init__(self, weight: torch.Tensor, chunk: int = 16384):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.dtype = weight.dtype
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(self.num_embeddings, dtype=torch.float32, device=weight.device)
+        for start in range(0, self.num_embeddings, chunk):  # a float32 copy of a chunk at a time
+            w = weight[start:start + chunk].detach().float()
+            scale = torch.exp2(torch.ceil(torch.log2(w.abs().amax(-1, keepdim=True) / 127)).clamp(min=-126))
+            q[start:start + chunk] = (w / scale).round()
+            scales[start:start + chunk] = scale.view(-1)
+        self.register_buffer("qweight", q)  # (V, H) int8
+        self.register_buffer("scales", scales)  # (V,) float32 powers of two
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.dtype) * self.scales[ids].unsqueeze(-1).to(self.dtype)
+
+    def table(self) -> torch.Tensor:
+        """The whole table ``(V, H)`` as the lookup computes it (a checkpoint's ``embed_tokens.weight``)."""
+        return self.qweight.to(self.dtype) * self.scales.unsqueeze(-1).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
 
 
 class ConcatLinear(nn.Module):
@@ -204,18 +268,13 @@ class ConcatLinear(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-def unpack_int4_cpu(packed: torch.Tensor) -> torch.Tensor:
-    """``(Np, K/2)`` uint8 in the CPU kernel's layout -> ``(Np, K)`` uint8 values.
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """``(Np, K/2)`` uint8 in torch's CPU int4 layout -> ``(Np, K)`` uint8 values.
 
     The layout (checked once against torch's packer, see :func:`_check_int4_layout`): rows in
     blocks of 64; within a block, for each input column, 32 bytes whose low nibbles are rows 0-31
     and high nibbles rows 32-63.
     """
-    _check_int4_layout()
-    return _unpack(packed.cpu())
-
-
-def _unpack(packed: torch.Tensor) -> torch.Tensor:
     n, half = packed.shape
     k = 2 * half
     b = packed.view(n // _BLOCK_N, k, _BLOCK_N // 2)  # (Np/64, K, 32)
