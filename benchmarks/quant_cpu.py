@@ -1,4 +1,5 @@
-"""Quantized decode on this CPU: llama.cpp (F16/Q8_0/Q4_0), transformers bf16, ours bf16/int8/int4.
+"""Quantized decode on this CPU: llama.cpp (F16/Q8_0/Q4_0), transformers bf16, ours bf16/int8/int4
+(int8/int4 also with the decode step compiled: "ours int4 compiled").
 
     python benchmarks/quant_cpu.py --llama-bench PATH/TO/llama-bench [--threads 1 2] [--rounds 2]
 
@@ -29,6 +30,7 @@ import torch
 
 GB = 1e9
 OURS = {"ours bf16": "bf16", "ours int8": "int8", "ours int4": "int4"}
+COMPILED = {"ours int8 compiled": "int8", "ours int4 compiled": "int4"}  # Engine(compile=True): the step fused
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0")
 
 
@@ -121,8 +123,8 @@ def prompt_ids(n: int) -> torch.Tensor:
 def decode_bytes(model) -> int:
     """Bytes a decode step reads: every tensor of the decoder layers, the final norm and lm_head.
 
-    A quantized lm_head reads its packed buffers only (a tied one also holds the float embedding
-    table as ``weight``, which its forward never touches)."""
+    A quantized lm_head reads its packed buffers only (with int8 the tied float embedding table also
+    hangs on it as ``weight``, which its forward never touches)."""
     from qwen2vl.quant.linear import QuantLinear
     seen, total = set(), 0
     for module in (model.model.layers, model.model.norm, model.lm_head):
@@ -137,15 +139,15 @@ def decode_bytes(model) -> int:
     return total
 
 
-def run_ours(checkpoint: str, threads: int, prompt: int, new_tokens: int) -> dict:
+def run_ours(checkpoint: str, threads: int, prompt: int, new_tokens: int, compile: bool = False) -> dict:
     from qwen2vl import Qwen2VL
     from qwen2vl.generation.engine import Engine
     from qwen2vl.generation.sampling import SamplingParams
     torch.set_num_threads(threads)
     model = Qwen2VL.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    engine = Engine(model, vision_cache_items=0)
+    engine = Engine(model, vision_cache_items=0, compile=compile)
     batch = {"input_ids": prompt_ids(prompt)}
-    engine.generate_batch(batch, [SamplingParams(max_new_tokens=2)])  # warm-up
+    engine.generate_batch(batch, [SamplingParams(max_new_tokens=2)])  # warm-up (and compilation)
     t = engine.generate_batch(batch, [SamplingParams(max_new_tokens=new_tokens)])[0].timings
     return {"prompt_tok_s": prompt / t["prefill_s"], "decode_tok_s": (new_tokens - 1) / t["decode_s"],
             "decode_gb": decode_bytes(model) / GB, "rss_gb": rss_gb(), "peak_rss_gb": rss_gb("VmHWM")}
@@ -202,8 +204,11 @@ def read_bandwidth(threads: int) -> float:
 
 def child(args) -> None:
     torch.manual_seed(0)
-    runner = run_ours if args.child == "ours" else run_transformers
-    print(json.dumps(runner(args.checkpoint, args.threads[0], args.prompt, args.new_tokens)))
+    if args.child == "transformers":
+        row = run_transformers(args.checkpoint, args.threads[0], args.prompt, args.new_tokens)
+    else:
+        row = run_ours(args.checkpoint, args.threads[0], args.prompt, args.new_tokens, args.child == "compiled")
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -216,7 +221,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--engines", nargs="+", help="a subset of the engines' names")
-    parser.add_argument("--child", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ours", "compiled", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -225,6 +230,7 @@ def main() -> None:
     directory.mkdir(parents=True, exist_ok=True)
     prepare(directory, args.group_size)
     engines = {name: ("ours", directory / scheme) for name, scheme in OURS.items()}
+    engines.update({name: ("compiled", directory / scheme) for name, scheme in COMPILED.items()})
     engines["transformers bf16"] = ("transformers", directory / "bf16")
     if args.llama_bench:
         engines.update({f"llama.cpp {q}": ("llama", directory / f"2b-{q}.gguf") for q in GGUF_TYPES})

@@ -3,8 +3,10 @@
     python benchmarks/quant_kernels.py [--threads 1 2] [--tokens 1]
 
 Compares a bf16 ``nn.Linear``, torchao's ``Int8WeightOnlyConfig`` / ``Int4WeightOnlyConfig``
-(when torchao imports) and ours (qwen2vl.quant: ``torch._weight_int8pack_mm`` and
-``torch._weight_int4pack_mm_for_cpu``). Prints microseconds per call and the GB/s of weight bytes read.
+(when torchao imports) and ours (qwen2vl.quant: oneDNN int8 and our int8-input int4 kernel, or
+torch's ``_weight_int4pack_mm_for_cpu`` with ``QWEN2VL_INT4_KERNEL=aten``). Prints microseconds per
+call and the GB/s of weight bytes read. One matrix timed in a loop stays in the 480 MB L3: for
+weights read from memory, as at decode, see ``quant_paths.py``.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ call reads it from memory, as a decode step does. Paths, per scheme:
   split into two int8 vectors, :func:`qwen2vl.quant.linear.int8_matmul`); ``int8pack``
   (``torch._weight_int8pack_mm``, bf16 activations, the earlier decode path); ``dequant+gemm``
   (dequantize to bf16 per call, bf16 GEMM: the earlier prompt path);
-* int4 (group 64): ``int4pack`` (``torch._weight_int4pack_mm_for_cpu``, ours below
-  ``GEMM_ROWS[4]`` rows); ``dequant+gemm`` (ours from there on; the earlier prompt path from 16 rows);
+* int4 (group 64): ``vnni`` (ours on the CPU: int8-rounded input rows times the 4-bit weights in
+  integers, :mod:`qwen2vl.quant.int4_cpu`); ``int4pack`` (``torch._weight_int4pack_mm_for_cpu``, float
+  activations: the fallback below ``GEMM_ROWS[4]`` rows); ``dequant+gemm`` (the fallback from there on);
 * bf16: ``nn.Linear``.
 
 Rounds alternate over the paths; the best round is printed: microseconds per call, GB/s of weight
@@ -28,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from qwen2vl.quant import int4_cpu
 from qwen2vl.quant.linear import Int4Linear, Int8Linear
 from qwen2vl.quant.weights import QuantWeight
 
@@ -41,10 +43,17 @@ def int8_layer(n: int, k: int, g: torch.Generator) -> Int8Linear:
     return Int8Linear(QuantWeight(8, k, q, scales, torch.full((n, 1), 128, dtype=torch.int16)), torch.bfloat16)
 
 
-def int4_layer(n: int, k: int, g: torch.Generator) -> Int4Linear:
+def int4_layer(n: int, k: int, g: torch.Generator, kernel: str = "vnni") -> Int4Linear:
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
     scales = torch.rand(n, k // 64, generator=g) * 1e-2 + 1e-3
-    return Int4Linear(QuantWeight(4, 64, q, scales, torch.full((n, k // 64), 8, dtype=torch.int16)), torch.bfloat16)
+    qw = QuantWeight(4, 64, q, scales, torch.full((n, k // 64), 8, dtype=torch.int16))
+    if kernel == "vnni":
+        return Int4Linear(qw, torch.bfloat16)
+    available, int4_cpu.available = int4_cpu.available, lambda: False  # torch's layout
+    try:
+        return Int4Linear(qw, torch.bfloat16)
+    finally:
+        int4_cpu.available = available
 
 
 def paths(n: int, k: int):
@@ -61,10 +70,11 @@ def paths(n: int, k: int):
         "int8 onednn (ours)": (lambda g: int8_layer(n, k, g), lambda m, x: m(x), n * k),
         "int8 int8pack": (make_plain_int8, int8pack, n * k),
         "int8 dequant+gemm": (make_plain_int8, lambda m, x: F.linear(x, m._dequantize(x.dtype)), n * k),
-        "int4 int4pack": (lambda g: int4_layer(n, k, g),
+        "int4 vnni (ours)": (lambda g: int4_layer(n, k, g), lambda m, x: m(x), n * k // 2),
+        "int4 int4pack": (lambda g: int4_layer(n, k, g, "aten"),
                           lambda m, x: torch._weight_int4pack_mm_for_cpu(x, m.qweight, 64, m.scales_and_zeros),
                           n * k // 2),
-        "int4 dequant+gemm": (lambda g: int4_layer(n, k, g), lambda m, x: F.linear(x, m._dequantize(x.dtype)),
+        "int4 dequant+gemm": (lambda g: int4_layer(n, k, g, "aten"), lambda m, x: F.linear(x, m._dequantize(x.dtype)),
                               n * k // 2),
         "bf16 linear": (lambda g: torch.randn(n, k, generator=g).bfloat16(), lambda w, x: F.linear(x, w), 2 * n * k),
     }
