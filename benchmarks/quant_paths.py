@@ -6,8 +6,9 @@ A single matrix timed in a loop sits in the cache (this Xeon has 480 MB of L3), 
 every kernel; here each path cycles over enough copies of its weight (--cache-mb in all) that every
 call reads it from memory, as a decode step does. Paths, per scheme:
 
-* int8 (one scale per row): ``onednn`` (ours on the CPU: the packed weight times each input row
-  split into two int8 vectors, :func:`qwen2vl.quant.linear.int8_matmul`); ``int8pack``
+* int8 (one scale per row): ``vnni`` (ours on the CPU: each input row split into two int8 vectors
+  times the int8 weights in integers, :mod:`qwen2vl.quant.int8_cpu`); ``onednn`` (the same numbers
+  through oneDNN's packed weight, :func:`qwen2vl.quant.linear.int8_matmul`: the fallback); ``int8pack``
   (``torch._weight_int8pack_mm``, bf16 activations, the earlier decode path); ``dequant+gemm``
   (dequantize to bf16 per call, bf16 GEMM: the earlier prompt path);
 * int4 (group 64): ``vnni`` (ours on the CPU: int8-rounded input rows times the 4-bit weights in
@@ -29,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qwen2vl.quant import int4_cpu
+from qwen2vl.quant import int4_cpu, int8_cpu
 from qwen2vl.quant.linear import Int4Linear, Int8Linear
 from qwen2vl.quant.weights import QuantWeight
 
@@ -37,10 +38,17 @@ SHAPES = {"qkv": (2048, 1536), "o": (1536, 1536), "gate_up": (17920, 1536), "dow
           "lm_head": (151936, 1536)}
 
 
-def int8_layer(n: int, k: int, g: torch.Generator) -> Int8Linear:
+def int8_layer(n: int, k: int, g: torch.Generator, kernel: str = "vnni") -> Int8Linear:
     q = torch.randint(1, 256, (n, k), dtype=torch.uint8, generator=g)
     scales = torch.rand(n, 1, generator=g) * 1e-2 + 1e-3
-    return Int8Linear(QuantWeight(8, k, q, scales, torch.full((n, 1), 128, dtype=torch.int16)), torch.bfloat16)
+    qw = QuantWeight(8, k, q, scales, torch.full((n, 1), 128, dtype=torch.int16))
+    if kernel == "vnni":
+        return Int8Linear(qw, torch.bfloat16)
+    available, int8_cpu.available = int8_cpu.available, lambda: False  # oneDNN's packed layout
+    try:
+        return Int8Linear(qw, torch.bfloat16)
+    finally:
+        int8_cpu.available = available
 
 
 def int4_layer(n: int, k: int, g: torch.Generator, kernel: str = "vnni") -> Int4Linear:
@@ -62,12 +70,13 @@ def paths(n: int, k: int):
         return torch._weight_int8pack_mm(x, m.int8_weight(), m.scales.view(-1))
 
     def make_plain_int8(g):  # the int8pack path needs the plain (N, K) int8 values, not the packed form
-        m = int8_layer(n, k, g)
+        m = int8_layer(n, k, g, "onednn")
         m.qweight, m.packed = m.int8_weight(), None
         return m
 
     return {
-        "int8 onednn (ours)": (lambda g: int8_layer(n, k, g), lambda m, x: m(x), n * k),
+        "int8 vnni (ours)": (lambda g: int8_layer(n, k, g), lambda m, x: m(x), n * k),
+        "int8 onednn": (lambda g: int8_layer(n, k, g, "onednn"), lambda m, x: m(x), n * k),
         "int8 int8pack": (make_plain_int8, int8pack, n * k),
         "int8 dequant+gemm": (make_plain_int8, lambda m, x: F.linear(x, m._dequantize(x.dtype)), n * k),
         "int4 vnni (ours)": (lambda g: int4_layer(n, k, g), lambda m, x: m(x), n * k // 2),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int4_cpu
+from . import int4_cpu, int8_cpu
 from .weights import QuantWeight, quantize_weight
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -80,10 +80,16 @@ class Int8Linear(QuantLinear):
         self.register_buffer("offsets", qw.zeros.to(torch.int16) - 128)  # (N, G) zero point - 128
         # one scale per row and zero point 128: the integer kernels apply
         self.per_row = qw.scales.shape[1] == 1 and not bool(self.offsets.any())
-        # On the CPU with oneDNN the packed weight replaces ``qweight`` (the same bytes in oneDNN's
-        # blocked layout; not a buffer, it cannot leave the CPU); ``int8_weight()`` reads it back.
-        self.packed = None
-        if self.per_row and ONEDNN and q.device.type == "cpu" and q.shape[0] >= ONEDNN_MIN_OUT:
+        # On the CPU the weight is kept in a kernel's layout: ours (``kernel == "vnni"``, ``qweight`` in
+        # :mod:`~qwen2vl.quant.int8_cpu`'s blocks) or, where that is not built, oneDNN's (the packed weight
+        # replaces ``qweight``: not a buffer, it cannot leave the CPU). ``int8_weight()`` reads either back.
+        self.kernel, self.packed = None, None
+        if self.per_row and q.device.type == "cpu" and q.shape[1] < int8_cpu.MAX_K and int8_cpu.available():
+            self.kernel = "vnni"
+            self.row_scales = F.pad(self.scales.float().view(-1), (0, -q.shape[0] % int8_cpu.BLOCK_N))  # (Np,)
+            q = int8_cpu.pack(q)  # (Np/16, ceil(K/4), 64) uint8
+        elif self.per_row and ONEDNN and q.device.type == "cpu" and q.shape[0] >= ONEDNN_MIN_OUT:
+            self.kernel = "onednn"
             self.packed = torch.ops.onednn.qlinear_prepack(q, None)  # (K, N) opaque
             self.packed_scales = self.scales.float().view(-1)  # (N,) float32, as the kernel takes them
             self.packed_zeros = torch.zeros(q.shape[0], dtype=torch.long)
@@ -91,6 +97,9 @@ class Int8Linear(QuantLinear):
         self.register_buffer("qweight", q)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "vnni" and x.device.type == "cpu":
+            xk = x if x.dtype in int8_cpu.DTYPES else x.float()
+            return int8_cpu.matmul(xk, self.qweight, self.row_scales, self.out_features).to(x.dtype)
         if self.packed is not None:
             return int8_matmul(x, self.packed, self.packed_scales, self.packed_zeros)
         if self.per_row and x.device.type == "cpu" and x.shape[0] < GEMM_ROWS[8]:
@@ -98,7 +107,9 @@ class Int8Linear(QuantLinear):
         return F.linear(x, self._dequantize(x.dtype))
 
     def int8_weight(self) -> torch.Tensor:
-        """The int8 values ``(N, K)``, read back from the packed form when packed."""
+        """The int8 values ``(N, K)``, read back from a kernel's layout."""
+        if self.kernel == "vnni":
+            return int8_cpu.unpack(self.qweight, self.out_features, self.in_features)
         return self.qweight if self.packed is None else self.packed.to_dense().t().contiguous()
 
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -109,8 +120,8 @@ class Int8Linear(QuantLinear):
         return (w * self.scales.unsqueeze(-1).to(dtype)).view(n, k)
 
     def _apply(self, fn, recurse=True):
-        if self.packed is not None and fn(torch.zeros(())).device.type != "cpu":  # leaving the CPU: unpack
-            self.qweight, self.packed = self.int8_weight(), None
+        if self.kernel is not None and fn(torch.zeros(())).device.type != "cpu":  # leaving the CPU: plain int8
+            self.qweight, self.packed, self.kernel = self.int8_weight(), None, None
         return super()._apply(fn, recurse)
 
     def quant_weight(self) -> QuantWeight:
