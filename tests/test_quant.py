@@ -14,6 +14,7 @@ from torch import nn
 
 from qwen2vl import Qwen2VL
 from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.quant import int8_cpu
 from qwen2vl.quant.linear import (
     GEMM_ROWS,
     ONEDNN,
@@ -57,12 +58,12 @@ def test_linear_equals_its_dequantized_weight(dtype, scheme, group, sym, cls, ou
 
 
 def reference(module, x, qw, bias):
-    """What ``module`` computes, in float64: a oneDNN-packed int8 layer sees each row of x as its
-    two int8 roundings (computed in float32, as the module does), our int4 kernel sees it rounded
-    to int8 in blocks of 32."""
-    if getattr(module, "packed", None) is not None:
+    """What ``module`` computes, in float64: an int8 layer with a kernel (ours or oneDNN's) sees each
+    row of x as its two int8 roundings (computed in float32, as the module does), our int4 kernel sees
+    it rounded to int8 in blocks of 32."""
+    if isinstance(module, Int8Linear) and module.kernel is not None:
         x = sum(s.double() * q.double() for s, q in int8_split(x))
-    if getattr(module, "kernel", None) == "vnni":
+    elif getattr(module, "kernel", None) == "vnni":
         x = int8_blocks(x)
     return F.linear(x.double(), qw.dequantize(torch.float64), bias.double())
 
@@ -84,15 +85,22 @@ def int8_split(x):
     return [(s1, q1), (s2, (rest / s2).round())]
 
 
-@pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN")
+@pytest.mark.skipif(not ONEDNN and not int8_cpu.available(), reason="no int8 kernel (oneDNN or ours)")
+@pytest.mark.parametrize("kernel", ["vnni", "onednn"])
 @pytest.mark.parametrize("rows", [1, 5, 64])
-def test_int8_packed_error_is_within_the_activation_rounding_bound(rows):
+def test_int8_packed_error_is_within_the_activation_rounding_bound(rows, kernel, monkeypatch):
     """Per-row int8 on the CPU multiplies each input row as two int8 roundings; what is left, at most
     s2 / 2 per entry (s2 <= absmax / 127 / 254), bounds the difference from the weight-only product
     by sum_k |w[n, k]| * s2 / 2 per output."""
+    if kernel == "onednn":
+        if not ONEDNN:
+            pytest.skip("torch built without oneDNN")
+        monkeypatch.setattr(int8_cpu, "available", lambda: False)
+    elif not int8_cpu.available():
+        pytest.skip("int8 kernel not built or no AVX512-VNNI")
     linear = nn.Linear(1536, ONEDNN_MIN_OUT, bias=False)
     module = quantize_linear(linear, "int8")
-    assert module.packed is not None and module.qweight is None
+    assert module.kernel == kernel and (module.packed is None) == (kernel == "vnni")
     assert torch.equal(module.int8_weight(), (module.quant_weight().q.to(torch.int16) - 128).to(torch.int8))
     x = torch.randn(rows, 1536) * torch.rand(1536) * 4  # uneven channel sizes
     w = module.quant_weight().dequantize(torch.float64)
@@ -106,13 +114,18 @@ def test_int8_packed_error_is_within_the_activation_rounding_bound(rows):
                                atol=1e-5 * exact.abs().max().item(), rtol=0)
 
 
-def test_int8_packed_weight_moves_off_the_cpu_as_plain_int8():
+@pytest.mark.parametrize("kernel", ["vnni", "onednn"])
+def test_int8_packed_weight_moves_off_the_cpu_as_plain_int8(kernel, monkeypatch):
+    if kernel == "onednn":
+        monkeypatch.setattr(int8_cpu, "available", lambda: False)
     module = quantize_linear(nn.Linear(64, ONEDNN_MIN_OUT), "int8")
     q = module.int8_weight()
-    module.to(torch.float64)  # a dtype change keeps it packed
-    assert (module.packed is not None) == ONEDNN
+    expected = {"vnni": int8_cpu.available(), "onednn": ONEDNN}[kernel]
+    module.to(torch.float64)  # a dtype change keeps the kernel's layout
+    assert (module.kernel == kernel) == expected and torch.equal(module.int8_weight(), q)
     module._apply(lambda t: t.to("meta"))  # leaving the CPU (meta stands in for CUDA): plain int8 again
-    assert module.packed is None and module.qweight.shape == q.shape and module.qweight.device.type == "meta"
+    assert module.kernel is None and module.packed is None
+    assert module.qweight.shape == q.shape and module.qweight.device.type == "meta"
 
 
 def test_int4_packing_reads_back_and_per_row_int8_uses_the_kernel():

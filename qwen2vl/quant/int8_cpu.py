@@ -17,8 +17,8 @@ once, at close to the memory bandwidth (oneDNN's kernel read the 2B at about 56 
 
 Layout (:func:`pack`): output rows in blocks of 16 (padded with zero weights), input columns padded to a
 multiple of 4; per block and 4 columns, 64 bytes: byte ``4 r + i`` is row ``r``'s column ``4 c + i``.
-Output rows are split over threads (``at::parallel_for``); input rows go 4 (then 2, then 1) at a
-time over each block of weights, which stays in the core's cache.
+Output rows are split over threads (``at::parallel_for``) in pairs of blocks (each broadcast input word
+feeds both); input rows go 4 (then 2, then 1) at a time over them, while they stay in the core's cache.
 
 Built at first use with ``torch.utils.cpp_extension.load_inline`` (cached by torch); registers
 ``torch.ops.qwen2vl_int8.int8_mm``, opaque to ``torch.compile`` (a fake gives its shape). Without a
@@ -114,29 +114,48 @@ VNNI void split_row(const T* x, int64_t K, int64_t Kp, int8_t* xq, float* xs, in
   xsum[1] = _mm512_reduce_add_epi32(sum);
 }
 
-// MT int8 rows from r0 (MT / 2 input rows) times one block of 16 output rows (weights w, row scales sc)
-template <int MT, typename T>
+// MT int8 rows from r0 (MT / 2 input rows) times NW blocks of 16 output rows from n0 (weights w, row
+// scales sc): each broadcast of 4 input bytes feeds NW multiply-adds
+template <int MT, int NW, typename T>
 VNNI void tile(const uint8_t* w, const float* sc, int64_t Kp, int64_t r0, const int8_t* xq, const float* xs,
                const int32_t* xsum, T* out, int64_t N, int64_t n0) {
-  __m512i dot[MT];
-  for (int m = 0; m < MT; m++) dot[m] = _mm512_setzero_si512();
+  const int64_t bs = Kp * 16;  // bytes per block of 16 rows
+  __m512i dot[NW][MT];
+  for (int j = 0; j < NW; j++)
+    for (int m = 0; m < MT; m++) dot[j][m] = _mm512_setzero_si512();
   for (int64_t c = 0; c < Kp / 4; c++) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + c * 64 + PREFETCH), _MM_HINT_T0);
-    const __m512i v = _mm512_loadu_si512(w + c * 64);
-    for (int m = 0; m < MT; m++)
-      dot[m] = _mm512_dpbusd_epi32(dot[m], v, _mm512_set1_epi32(word(xq + (r0 + m) * Kp + c * 4)));
-  }
-  const __mmask16 mask = tail(N - n0);
-  const __m512 s = _mm512_loadu_ps(sc);
-  for (int m = 0; m < MT; m += 2) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int h = 0; h < 2; h++) {
-      const int64_t r = r0 + m + h;
-      const __m512i t = _mm512_sub_epi32(dot[m + h], _mm512_set1_epi32(128 * xsum[r]));
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(xs[r]), acc);
+    __m512i v[NW];
+    for (int j = 0; j < NW; j++) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * bs + c * 64 + PREFETCH), _MM_HINT_T0);
+      v[j] = _mm512_loadu_si512(w + j * bs + c * 64);
     }
-    store16(out + (r0 + m) / 2 * N + n0, _mm512_mul_ps(acc, s), mask);
+    for (int m = 0; m < MT; m++) {
+      const __m512i a = _mm512_set1_epi32(word(xq + (r0 + m) * Kp + c * 4));
+      for (int j = 0; j < NW; j++) dot[j][m] = _mm512_dpbusd_epi32(dot[j][m], v[j], a);
+    }
   }
+  for (int j = 0; j < NW; j++) {
+    const __mmask16 mask = tail(N - n0 - 16 * j);
+    const __m512 s = _mm512_loadu_ps(sc + 16 * j);
+    for (int m = 0; m < MT; m += 2) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int h = 0; h < 2; h++) {
+        const int64_t r = r0 + m + h;
+        const __m512i t = _mm512_sub_epi32(dot[j][m + h], _mm512_set1_epi32(128 * xsum[r]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(xs[r]), acc);
+      }
+      store16(out + (r0 + m) / 2 * N + n0 + 16 * j, _mm512_mul_ps(acc, s), mask);
+    }
+  }
+}
+
+template <int NW, typename T>
+void tiles(const uint8_t* w, const float* sc, int64_t Kp, int64_t M, const int8_t* xq, const float* xs,
+           const int32_t* xsum, T* out, int64_t N, int64_t n0) {
+  int64_t r = 0;
+  for (; r + 8 <= 2 * M; r += 8) tile<8, NW, T>(w, sc, Kp, r, xq, xs, xsum, out, N, n0);
+  for (; r + 4 <= 2 * M; r += 4) tile<4, NW, T>(w, sc, Kp, r, xq, xs, xsum, out, N, n0);
+  for (; r < 2 * M; r += 2) tile<2, NW, T>(w, sc, Kp, r, xq, xs, xsum, out, N, n0);
 }
 
 template <typename T>
@@ -156,13 +175,11 @@ void run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const float* sc = scales.data_ptr<float>();
   T* po = out.data_ptr<T>();
-  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; nb++) {
-      const uint8_t* wn = w + nb * Kp * 16;
-      int64_t r = 0;
-      for (; r + 8 <= 2 * M; r += 8) tile<8, T>(wn, sc + nb * 16, Kp, r, pq, ps, pz, po, N, nb * 16);
-      for (; r + 4 <= 2 * M; r += 4) tile<4, T>(wn, sc + nb * 16, Kp, r, pq, ps, pz, po, N, nb * 16);
-      for (; r < 2 * M; r += 2) tile<2, T>(wn, sc + nb * 16, Kp, r, pq, ps, pz, po, N, nb * 16);
+  at::parallel_for(0, (NB + 1) / 2, 1, [&](int64_t begin, int64_t end) {  // pairs of blocks
+    for (int64_t p = begin; p < end; p++) {
+      const int64_t nb = 2 * p;
+      if (nb + 1 < NB) tiles<2, T>(w + nb * Kp * 16, sc + nb * 16, Kp, M, pq, ps, pz, po, N, nb * 16);
+      else tiles<1, T>(w + nb * Kp * 16, sc + nb * 16, Kp, M, pq, ps, pz, po, N, nb * 16);
     }
   });
 }
