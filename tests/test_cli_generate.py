@@ -83,3 +83,30 @@ def test_unknown_verb_and_help():
     assert qwen2vl("frobnicate").returncode == 2
     out = qwen2vl("--help")
     assert out.returncode == 0 and "generate" in out.stdout
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat", "serve", "batch", "agent"])
+def test_every_model_verb_takes_compile(verb):
+    out = qwen2vl(verb, "--help")
+    assert out.returncode == 0 and "--compile" in out.stdout, out.stderr
+
+
+def test_load_engine_passes_compile(files):
+    from qwen2vl.generation.cli import Parser, add_model_options, load_engine
+    parser = Parser()
+    add_model_options(parser)
+    for flag in ([], ["--compile"]):
+        engine = load_engine(parser.parse_args(["--model", str(files / "model"), "--device", "cpu", *flag]))
+        assert engine.compile == bool(flag) and engine.static == bool(flag)  # compiled: one static decode shape
+
+
+@pytest.mark.slow  # one torch.compile of the decode step: about 30 s
+def test_compiled_decode_gives_the_same_tokens():
+    """The embedded (trained) nano model, greedy: the compiled step picks the eager step's tokens."""
+    if not (EMBEDDED_MODEL / "config.json").is_file():
+        pytest.skip("embedded model not installed")
+    args = ["generate", "--prompt", "Describe a red square.", "--max-new-tokens", "8", "--json"]
+    eager = qwen2vl(*args)
+    compiled = qwen2vl(*args, "--compile")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert json.loads(compiled.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]

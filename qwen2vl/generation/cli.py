@@ -31,6 +31,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8", "int4"],
                         help="weight-only quantization after loading: int8 per output row, int4 in groups of 64 "
                              "(docs/quantization.md)")
+    parser.add_argument("--compile", action="store_true",
+                        help="fuse the decode step with torch.compile (one compilation at the first request, "
+                             "then faster tokens: docs/benchmarks.md; needs a C++ compiler on the CPU)")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="prompt tokens prefilled per decode step, so long prompts never stall running "
                              "streams (default 512)")
@@ -87,7 +90,7 @@ def load_engine(args, tensor_parallel: bool = False):
         raise UserError(f"--quantize {quantize} does not run tensor-parallel yet; drop one of the two options")
     try:
         return Engine.from_pretrained(path, dtype=args.dtype, device=args.device, prefill_chunk=args.prefill_chunk,
-                                      quantize=quantize, tensor_parallel=size)
+                                      quantize=quantize, tensor_parallel=size, compile=getattr(args, "compile", False))
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise UserError(str(e)) from None
 
