@@ -1,9 +1,10 @@
 """Quantized linear layers: drop-in replacements of ``nn.Linear`` (same ``forward(x)``).
 
-* :class:`Int8Linear`: int8 weights with one scale per output row. On the CPU the weight is kept
-  in oneDNN's packed layout and multiplied in integers (``onednn::qlinear_pointwise``, int8 x int8
-  summed in int32 with VNNI): each input row goes in as two int8 vectors, its rounding and the
-  rounding of the rest (:func:`int8_matmul`, about 15 bits). Checkpoints with per-group int8 scales
+* :class:`Int8Linear`: int8 weights with one scale per output row. On the CPU they are multiplied in
+  integers, each input row going in as two int8 vectors, its rounding and the rounding of the rest
+  (about 15 bits): by our AVX512-VNNI kernel (:mod:`qwen2vl.quant.int8_cpu`), or where that is not
+  built by oneDNN's (``onednn::qlinear_pointwise`` on its packed weight, :func:`int8_matmul`; the
+  same numbers). Checkpoints with per-group int8 scales
   or zero points other than 128 (some GPTQ-Int8 releases) dequantize and matmul: correct, not fast.
 * :class:`Int4Linear`: 4-bit weights with a scale and zero point per group of 32/64/128/256 input
   columns. On the CPU each input row is rounded to int8 in blocks of 32 and multiplied in integers
