@@ -19,6 +19,8 @@ preparation included) after one warm-up step, for each data arm, arms alternated
 
     python benchmarks/train.py --nano fixed-1024x4,stream-1024x4,stream-512x8 --steps 8 --threads 2
     python benchmarks/train.py --nano stream-512x8,fill-512x8,fill-q3-512x8 --steps 8 --threads 2   # answers/s
+    python benchmarks/train.py --nano fill-q3-512x8,fill-q3-512x8-compiled,fill-q3-512x8-bf16 --steps 8   # compile, bf16
+    python benchmarks/train.py --nano fill-q3-512x8,fill-q3-512x8-denormals --state recipes/nano/state --steps 8
 """
 
 from __future__ import annotations
@@ -188,6 +190,21 @@ NANO_ARMS = {  # name: (data, seq_len, rows per step, stream settings)
     "fill-512x8": ("stream", 512, 8, {"packing": "fill"}),  # rows filled past a sample that does not fit
     "fill-q3-512x8": ("stream", 512, 8, {"packing": "fill", "questions": 3}),  # + up to 3 questions per image
 }
+# the same arm with torch.compile on the decoder layers and the vision MLPs (dynamic shapes: the vision
+# tower's packed lengths change every step); its first measured step still compiles for new shapes
+NANO_ARMS["fill-q3-512x8-compiled"] = NANO_ARMS["fill-q3-512x8"]
+# and with bf16 autocast (`precision: bf16`; on this CPU bf16 matrix products run on AMX tiles)
+NANO_ARMS["fill-q3-512x8-bf16"] = NANO_ARMS["fill-q3-512x8"]
+# and without the trainer's flush of denormal floats (they appear once the model is trained: --state)
+NANO_ARMS["fill-q3-512x8-denormals"] = NANO_ARMS["fill-q3-512x8"]
+
+
+def compile_nano(trainer) -> None:
+    net = trainer.loss_model.net
+    for layer in net.model.layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+    for block in net.visual.blocks:
+        block.mlp.forward = torch.compile(block.mlp.forward, dynamic=True)
 
 
 def nano_data(directory: Path, kind: str, settings: dict) -> Path:
@@ -205,7 +222,7 @@ def nano_data(directory: Path, kind: str, settings: dict) -> Path:
     return spec
 
 
-def run_nano(arm: str, directory: Path, steps: int) -> dict:
+def run_nano(arm: str, directory: Path, steps: int, state: Path | None) -> dict:
     from qwen2vl.train.distributed import Dist
     from qwen2vl.train.metrics import read_metrics
     from qwen2vl.train.options import load_options
@@ -215,12 +232,21 @@ def run_nano(arm: str, directory: Path, steps: int) -> dict:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "nano"
     out = directory / f"run-{arm}"
     shutil.rmtree(out, ignore_errors=True)
-    options = {"model_config": str(recipe / "config.json"), "tokenizer": str(recipe.parents[1] / "qwen2vl" / "assets"
-               / "qwen2vl-nano"), "data": str(nano_data(directory, kind, settings)), "output_dir": str(out),
+    tokenizer = state / "tokenizer" if state is not None else recipe.parents[1] / "qwen2vl" / "assets" / "qwen2vl-nano"
+    options = {"model_config": str(recipe / "config.json"), "tokenizer": str(tokenizer),
+               "data": str(nano_data(directory, kind, settings)), "output_dir": str(out),
                "seq_len": str(seq_len), "batch_size": str(rows), "max_steps": str(steps + 1), "lr": "1e-3",
-               "max_pixels": str(512 * 512), "export": "false", "progress": "false", "stage": "2"}
-    Trainer(load_options(None, options), Dist()).fit()
-    records = read_metrics(out / "metrics.jsonl")[1:]  # the first step warms up
+               "max_pixels": str(512 * 512), "export": "false", "progress": "false", "stage": "2",
+               "precision": "bf16" if arm.endswith("-bf16") else "auto"}
+    trainer = Trainer(load_options(None, options), Dist())
+    if state is not None:  # the weights of a packed nano state (recipes/nano/state.py) instead of a fresh model
+        trainer.loss_model.load_state_dict(torch.load(state / "state.pt", weights_only=False)["checkpoint"]["model"])
+    if arm.endswith("-denormals"):
+        torch.set_flush_denormal = lambda mode: False
+    if arm.endswith("-compiled"):
+        compile_nano(trainer)
+    trainer.fit()
+    records = read_metrics(out / "metrics.jsonl")[1:]  # the first step warms up (and compiles)
     seconds = sum(r["step_s"] for r in records)
     return {"samples_per_s": sum(r["samples"] for r in records) / seconds,
             "answers_per_s": sum(r["answers"] for r in records) / seconds,
@@ -238,14 +264,15 @@ def nano_main(args) -> None:
         raise SystemExit(f"unknown --nano arm(s) {unknown}; expected some of {list(NANO_ARMS)}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {args.threads} thread(s), {args.steps} steps per run")
-    print(f"{'arm':<15} {'run':>3} {'step s':>7} {'samples/s':>10} {'answers/s':>10} {'tokens/s':>9} "
+    print(f"{'arm':<23} {'run':>3} {'step s':>7} {'samples/s':>10} {'answers/s':>10} {'tokens/s':>9} "
           f"{'answer tok/s':>13} {'padding':>8}")
     for repeat in range(args.repeats):
         for arm in arms:  # alternated, so a change in the machine's load reaches every arm
             cmd = [sys.executable, __file__, "--nano-arm", arm, "--steps", str(args.steps), "--dir", str(directory)]
+            cmd += ["--state", args.state] if args.state else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"{arm:<15} {repeat + 1:>3} {r['step_s']:>7.2f} {r['samples_per_s']:>10.2f} {r['answers_per_s']:>10.2f} "
+            print(f"{arm:<23} {repeat + 1:>3} {r['step_s']:>7.2f} {r['samples_per_s']:>10.2f} {r['answers_per_s']:>10.2f} "
                   f"{r['tokens_per_s']:>9.0f} "
                   f"{r['supervised_per_s']:>13.1f} {r['padding']:>8.1%}", flush=True)
 
@@ -274,9 +301,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per nano run (default 2)")
     parser.add_argument("--repeats", type=int, default=2, help="alternated runs of each nano arm (default 2)")
     parser.add_argument("--nano-arm", help=argparse.SUPPRESS)
+    parser.add_argument("--state", help="nano arms start from this packed state's weights (recipes/nano/state)")
     args = parser.parse_args()
     if args.nano_arm:
-        print(json.dumps(run_nano(args.nano_arm, Path(args.dir), args.steps)))
+        print(json.dumps(run_nano(args.nano_arm, Path(args.dir), args.steps, args.state and Path(args.state))))
         return None
     if args.nano:
         return nano_main(args)
