@@ -32,26 +32,18 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
+
+from .cpu_kernel import build
 
 BLOCK_N = 16  # output rows per block of the layout
 ACT_BLOCK = 32  # input columns per int8 activation scale
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernel takes and returns (x, scales, offsets, output)
 
 SOURCE = r"""
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <immintrin.h>
-#include <cmath>
-#include <cstring>
+namespace {  // after cpu_kernel.PRELUDE
 
-namespace {
-
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
-using bf16 = at::BFloat16;
 constexpr int64_t QB = 32;  // activation block
 // weight bytes read ahead (the thread's rows are one contiguous stream): 2B gate/up at 2 threads,
 // from memory, 715 -> 689 us per call (no prefetch -> 4096 bytes; 512-2048 were no better)
@@ -62,19 +54,6 @@ VNNI inline __m512 load16(const bf16* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-VNNI inline void store16(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
-VNNI inline void store16(bf16* p, __m512 v, __mmask16 k) {  // round to nearest even, NaN kept
-  __m512i b = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(b));
-}
-
-inline int32_t word(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
-
-VNNI inline __m512 load16x(const float* p) { return _mm512_loadu_ps(p); }
-VNNI inline __m512 load16x(const bf16* p) { return load16(p); }
 
 // Row m of x (M, K) -> xq (M, K) int8, xs and xsum (M, K/32) per block, xg (M, G) = sum over a group's
 // blocks of xs * xsum. q = round_half_even(x / s), s = absmax / 127 in float32 (what torch.round(x / s) gives).
@@ -84,7 +63,7 @@ VNNI void quantize_row(const T* x, int64_t m, int64_t K, int64_t gs, int8_t* xq,
   const __m512 sign = _mm512_set1_ps(-0.f);
   for (int64_t b = 0; b < KB; b++) {
     const int64_t i = m * K + b * QB;
-    const __m512 v0 = load16x(x + i), v1 = load16x(x + i + 16);
+    const __m512 v0 = load16(x + i), v1 = load16(x + i + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
     const float s = amax / 127.f;
     __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
@@ -211,11 +190,6 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   return out;
 }
 
-bool int4_mm_supported() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
 }  // namespace
 
 TORCH_LIBRARY(qwen2vl_int4, m) {
@@ -224,7 +198,7 @@ TORCH_LIBRARY(qwen2vl_int4, m) {
 }
 
 TORCH_LIBRARY_IMPL(qwen2vl_int4, CPU, m) { m.impl("int4_mm", &int4_mm); }
-TORCH_LIBRARY_IMPL(qwen2vl_int4, CompositeExplicitAutograd, m) { m.impl("supported", &int4_mm_supported); }
+TORCH_LIBRARY_IMPL(qwen2vl_int4, CompositeExplicitAutograd, m) { m.impl("supported", &vnni_supported); }
 """
 
 
@@ -233,19 +207,9 @@ def available() -> bool:
     """True when the kernel is built (at the first call) and this CPU runs it."""
     if os.environ.get("QWEN2VL_INT4_KERNEL", "").lower() == "aten":
         return False
-    try:
-        from torch.utils.cpp_extension import load_inline
-        load_inline("qwen2vl_int4_cpu", SOURCE, is_python_module=False, no_implicit_headers=True,
-                    extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as e:  # noqa: BLE001 - no compiler, failed build: the aten kernel serves
-        lines = str(e).strip().splitlines() or [""]
-        reason = next((line for line in lines if "error" in line.lower()), lines[-1])
-        warnings.warn(f"the int8-activation int4 kernel was not built ({type(e).__name__}: {reason}); "
-                      "int4 layers use torch._weight_int4pack_mm_for_cpu", stacklevel=2)
-        return False
-    torch.library.register_fake("qwen2vl_int4::int4_mm")(
-        lambda x, qweight, scales, offsets, group_size, out_features: x.new_empty((x.shape[0], out_features)))
-    return bool(torch.ops.qwen2vl_int4.supported())
+    return build("qwen2vl_int4_cpu", SOURCE, "qwen2vl_int4::int4_mm",
+                 lambda x, qweight, scales, offsets, group_size, out_features: x.new_empty((x.shape[0], out_features)),
+                 "the int8-activation int4 kernel", "int4 layers use torch._weight_int4pack_mm_for_cpu")
 
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,

@@ -30,28 +30,19 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .cpu_kernel import build
 
 BLOCK_N = 16  # output rows per block of the layout
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernel takes and returns (x, output)
 MAX_K = 66000  # int32 sums stay exact below this many inputs
 
 SOURCE = r"""
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <immintrin.h>
-#include <algorithm>
-#include <cstring>
-#include <vector>
+namespace {  // after cpu_kernel.PRELUDE
 
-namespace {
-
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
-using bf16 = at::BFloat16;
 constexpr int64_t PREFETCH = 4096;  // weight bytes read ahead, as in the int4 kernel
 
 VNNI inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
@@ -59,18 +50,9 @@ VNNI inline __m512 load16(const bf16* p, __mmask16 k) {
   __m256i h = _mm256_maskz_loadu_epi16(k, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-VNNI inline void store16(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
-VNNI inline void store16(bf16* p, __m512 v, __mmask16 k) {  // round to nearest even, NaN kept
-  __m512i b = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  b = _mm512_mask_mov_epi32(b, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(b));
-}
 inline __mmask16 tail(int64_t left) {
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 }
-inline int32_t word(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 
 VNNI inline __m512i round_div(__m512 v, float s) {
   return _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(s)),
@@ -205,11 +187,6 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   return out;
 }
 
-bool int8_mm_supported() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
 }  // namespace
 
 TORCH_LIBRARY(qwen2vl_int8, m) {
@@ -218,7 +195,7 @@ TORCH_LIBRARY(qwen2vl_int8, m) {
 }
 
 TORCH_LIBRARY_IMPL(qwen2vl_int8, CPU, m) { m.impl("int8_mm", &int8_mm); }
-TORCH_LIBRARY_IMPL(qwen2vl_int8, CompositeExplicitAutograd, m) { m.impl("supported", &int8_mm_supported); }
+TORCH_LIBRARY_IMPL(qwen2vl_int8, CompositeExplicitAutograd, m) { m.impl("supported", &vnni_supported); }
 """
 
 
@@ -227,19 +204,9 @@ def available() -> bool:
     """True when the kernel is built (at the first call) and this CPU runs it."""
     if os.environ.get("QWEN2VL_INT8_KERNEL", "").lower() == "onednn":
         return False
-    try:
-        from torch.utils.cpp_extension import load_inline
-        load_inline("qwen2vl_int8_cpu", SOURCE, is_python_module=False, no_implicit_headers=True,
-                    extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"])
-    except Exception as e:  # noqa: BLE001 - no compiler, failed build: oneDNN's path serves
-        lines = str(e).strip().splitlines() or [""]
-        reason = next((line for line in lines if "error" in line.lower()), lines[-1])
-        warnings.warn(f"the int8 VNNI kernel was not built ({type(e).__name__}: {reason}); "
-                      "int8 layers use oneDNN's kernel", stacklevel=2)
-        return False
-    torch.library.register_fake("qwen2vl_int8::int8_mm")(
-        lambda x, qweight, scales, out_features: x.new_empty((x.shape[0], out_features)))
-    return bool(torch.ops.qwen2vl_int8.supported())
+    return build("qwen2vl_int8_cpu", SOURCE, "qwen2vl_int8::int8_mm",
+                 lambda x, qweight, scales, out_features: x.new_empty((x.shape[0], out_features)),
+                 "the int8 VNNI kernel", "int8 layers use oneDNN's kernel", cflags=("-ffp-contract=off",))
 
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
