@@ -21,6 +21,10 @@ preparation included) after one warm-up step, for each data arm, arms alternated
     python benchmarks/train.py --nano stream-512x8,fill-512x8,fill-q3-512x8 --steps 8 --threads 2   # answers/s
     python benchmarks/train.py --nano fill-q3-512x8,fill-q3-512x8-compiled,fill-q3-512x8-bf16 --steps 8   # compile, bf16
     python benchmarks/train.py --nano fill-q3-512x8,fill-q3-512x8-denormals --state recipes/nano/state --steps 8
+    python benchmarks/train.py --nano fill-q3-512x8 --layouts 1x2,2x1 --state recipes/nano/state --steps 12
+
+``--layouts PxT,...`` runs each arm as P processes (torchrun, gloo) of T threads, the step's rows split
+over them (default: one process of ``--threads``).
 """
 
 from __future__ import annotations
@@ -222,8 +226,9 @@ def nano_data(directory: Path, kind: str, settings: dict) -> Path:
     return spec
 
 
-def run_nano(arm: str, directory: Path, steps: int, state: Path | None) -> dict:
-    from qwen2vl.train.distributed import Dist
+def run_nano(arm: str, directory: Path, steps: int, state: Path | None) -> dict | None:
+    """The arm's figures (None in every process but the first under torchrun)."""
+    from qwen2vl.train.distributed import close_distributed, init_distributed
     from qwen2vl.train.metrics import read_metrics
     from qwen2vl.train.options import load_options
     from qwen2vl.train.trainer import Trainer
@@ -238,14 +243,20 @@ def run_nano(arm: str, directory: Path, steps: int, state: Path | None) -> dict:
                "seq_len": str(seq_len), "batch_size": str(rows), "max_steps": str(steps + 1), "lr": "1e-3",
                "max_pixels": str(512 * 512), "export": "false", "progress": "false", "stage": "2",
                "precision": "bf16" if arm.endswith("-bf16") else "auto"}
-    trainer = Trainer(load_options(None, options), Dist())
+    d = init_distributed()
+    trainer = Trainer(load_options(None, options), d)
     if state is not None:  # the weights of a packed nano state (recipes/nano/state.py) instead of a fresh model
-        trainer.loss_model.load_state_dict(torch.load(state / "state.pt", weights_only=False)["checkpoint"]["model"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        weights = torch.load(state / "state.pt", weights_only=False)["checkpoint"]["model"]
+        set_model_state_dict(trainer.loss_model, weights, options=StateDictOptions(full_state_dict=True))
     if arm.endswith("-denormals"):
         torch.set_flush_denormal = lambda mode: False
     if arm.endswith("-compiled"):
         compile_nano(trainer)
     trainer.fit()
+    close_distributed()
+    if not d.main:
+        return None
     records = read_metrics(out / "metrics.jsonl")[1:]  # the first step warms up (and compiles)
     seconds = sum(r["step_s"] for r in records)
     return {"samples_per_s": sum(r["samples"] for r in records) / seconds,
@@ -262,17 +273,21 @@ def nano_main(args) -> None:
     unknown = [a for a in arms if a not in NANO_ARMS]
     if unknown:
         raise SystemExit(f"unknown --nano arm(s) {unknown}; expected some of {list(NANO_ARMS)}")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {args.threads} thread(s), {args.steps} steps per run")
-    print(f"{'arm':<23} {'run':>3} {'step s':>7} {'samples/s':>10} {'answers/s':>10} {'tokens/s':>9} "
-          f"{'answer tok/s':>13} {'padding':>8}")
+    layouts = [tuple(int(v) for v in layout.split("x")) for layout in (args.layouts or f"1x{args.threads}").split(",")]
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {args.steps} steps per run")
+    print(f"{'arm':<23} {'procs x threads':>15} {'run':>3} {'step s':>7} {'samples/s':>10} {'answers/s':>10} "
+          f"{'tokens/s':>9} {'answer tok/s':>13} {'padding':>8}")
     for repeat in range(args.repeats):
-        for arm in arms:  # alternated, so a change in the machine's load reaches every arm
-            cmd = [sys.executable, __file__, "--nano-arm", arm, "--steps", str(args.steps), "--dir", str(directory)]
+        for arm, (procs, threads) in ((a, l) for a in arms for l in layouts):  # alternated: load changes reach all
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                            "--standalone", "--nproc_per_node", str(procs)]
+            cmd = launcher + [__file__, "--nano-arm", arm, "--steps", str(args.steps), "--dir", str(directory)]
             cmd += ["--state", args.state] if args.state else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"{arm:<23} {repeat + 1:>3} {r['step_s']:>7.2f} {r['samples_per_s']:>10.2f} {r['answers_per_s']:>10.2f} "
+            print(f"{arm:<23} {f'{procs} x {threads}':>15} {repeat + 1:>3} {r['step_s']:>7.2f} {r['samples_per_s']:>10.2f} "
+                  f"{r['answers_per_s']:>10.2f} "
                   f"{r['tokens_per_s']:>9.0f} "
                   f"{r['supervised_per_s']:>13.1f} {r['padding']:>8.1%}", flush=True)
 
@@ -299,12 +314,15 @@ def main() -> None:
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--nano", help=f"comma list of nano recipe data arms: {', '.join(NANO_ARMS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per nano run (default 2)")
+    parser.add_argument("--layouts", help="nano runs as processes x threads, e.g. 1x2,2x1 (default 1x--threads)")
     parser.add_argument("--repeats", type=int, default=2, help="alternated runs of each nano arm (default 2)")
     parser.add_argument("--nano-arm", help=argparse.SUPPRESS)
     parser.add_argument("--state", help="nano arms start from this packed state's weights (recipes/nano/state)")
     args = parser.parse_args()
     if args.nano_arm:
-        print(json.dumps(run_nano(args.nano_arm, Path(args.dir), args.steps, args.state and Path(args.state))))
+        result = run_nano(args.nano_arm, Path(args.dir), args.steps, args.state and Path(args.state))
+        if result is not None:
+            print(json.dumps(result))
         return None
     if args.nano:
         return nano_main(args)

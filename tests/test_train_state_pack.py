@@ -102,3 +102,37 @@ def test_progress_records_samples_seen_and_where_a_fitted_line_meets_a_target(tm
     assert progress.needed([(1000, 0.2), (10000, 0.3)], 0.8) == "1.0e+09 samples (10.0 points per tenfold)"
     assert progress.needed([(1000, 0.3), (10000, 0.2)], 0.8) == "no upward trend yet"
     assert progress.needed([(1000, 0.3)], 0.8) == "one point"
+
+
+def test_a_checkpoint_of_two_processes_packs_whole_and_resumes_in_one(tmp_path):
+    """``train.py --procs 2`` writes one shard per process: pack joins them (the weights are the run's
+    final export) and the unpacked state continues in a single process."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    state = load_state_module()
+    data = make_color_data(tmp_path / "colors", repeats=2)
+    common = dict(seq_len=160, batch_size=2, lr=5e-3, warmup_steps=1, save_every=3)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "qwen2vl",
+           "train", *train_args(tmp_path, data, run / "stage2", max_steps=3, **common)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted(p.name for p in (run / "stage2" / "checkpoints" / "step-00000003").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    shutil.copytree(tmp_path / "tok", run / "tokenizer")
+    packed = state.pack(run, tmp_path / "state")
+    weights = torch.load(packed / "state.pt", weights_only=False)["checkpoint"]["model"]
+    final = load_file(run / "stage2" / "final" / "model.safetensors")
+    assert {"net." + k for k in final} <= set(weights)
+    for name, value in final.items():
+        torch.testing.assert_close(weights["net." + name].to(value.dtype), value, rtol=0, atol=0)
+
+    again = tmp_path / "again"
+    state.unpack(packed, again)
+    assert main(train_args(tmp_path, data, again / "stage2", max_steps=5, export=False, **common) + ["--resume"]) == 0
+    assert [r["step"] for r in read_metrics(again / "stage2" / "metrics.jsonl")] == [1, 2, 3, 4, 5]

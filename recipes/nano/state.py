@@ -17,7 +17,9 @@ down to 0.02 / 448 / 2**9 (about 9e-8, that is ``exp_avg_sq`` 8e-15) keeps a non
 moments come back rounded (measured on the v2 state: ``exp_avg_sq`` within 12 % of each value, none
 lost; ``exp_avg`` within 6 %, except values under ~4e-6 of their block's largest, which become zero:
 0.8 % of them, a momentum the next ten steps rebuild), so the continued run is not bit-identical to an
-uninterrupted one; everything else (weights, step, schedule, data rows, RNG) is.
+uninterrupted one; everything else (weights, step, schedule, data rows, RNG) is. A checkpoint written by
+several processes (``train.py --procs``) packs the same way, its shards joined (the RNG kept is process 0's),
+and the unpacked state resumes under any number of processes.
 ``export`` writes the packed weights as a bf16 checkpoint (what the recipe ships) for ``qwen2vl eval``.
 """
 
@@ -81,8 +83,6 @@ def pack(run: Path, dest: Path) -> Path:
     if checkpoint is None:
         raise SystemExit(f"{run / STAGE} has no finished checkpoint to pack")
     info = json.loads((checkpoint / "state.json").read_text())
-    if info["world_size"] != 1:
-        raise SystemExit(f"{checkpoint} was written by {info['world_size']} processes; pack takes one")
     with tempfile.TemporaryDirectory() as tmp:
         flat = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(checkpoint), str(flat))
