@@ -75,15 +75,21 @@ def make_data(out: Path, preset: dict, force_size: str | None, env: dict[str, st
             cmd += ["--force-size", force_size]
         run(cmd, env)
     for stage in STAGES:
-        spec = dict(preset["stream"]["common"], **preset["stream"].get(stage, {}))
-        spec.update(split="train", seed=preset["stream"]["seed"] + stage, size_policy=data["size_policy"],
-                    video_pixels=[int(v) for v in data["video_pixels"].split(",")])
-        if force_size:
-            side = [int(v) for v in force_size.lower().split("x")]
-            spec["force_size"] = [side[0], side[-1]]
         paths[stage] = out / "data" / f"stage{stage}.yaml"
-        paths[stage].write_text(yaml.safe_dump({"synthetic": spec}, sort_keys=False))
+        paths[stage].write_text(yaml.safe_dump({"synthetic": stream_spec(preset, stage, force_size)}, sort_keys=False))
     return paths
+
+
+def stream_spec(preset: dict, stage: int, force_size: str | None = None) -> dict:
+    """The ``synthetic:`` mapping of stage ``stage``'s training stream (``qwen2vl.train.stream``)."""
+    data = preset["data"]
+    spec = dict(preset["stream"]["common"], **preset["stream"].get(stage, {}))
+    spec.update(split="train", seed=preset["stream"]["seed"] + stage, size_policy=data["size_policy"],
+                video_pixels=[int(v) for v in data["video_pixels"].split(",")])
+    if force_size:
+        side = [int(v) for v in force_size.lower().split("x")]
+        spec["force_size"] = [side[0], side[-1]]
+    return spec
 
 
 def check_token_ids(tokenizer: Path, config: Path) -> None:

@@ -1,0 +1,45 @@
+"""recipes/nano/train.py: its presets parse into training streams, and bad arguments fail before any work."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwen2vl.train.stream import SyntheticStream
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "nano"
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("nano_train", RECIPE / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_each_preset_stage_is_a_valid_stream(recipe, name, tmp_path):
+    preset = yaml.safe_load((RECIPE / f"{name}.yaml").read_text())
+    for stage in recipe.STAGES:
+        path = tmp_path / f"stage{stage}.yaml"
+        path.write_text(yaml.safe_dump({"synthetic": recipe.stream_spec(preset, stage, "224")}))
+        stream = SyntheticStream(path, encode=None, seq_len=preset["train"]["seq_len"])
+        assert stream.seed == preset["stream"]["seed"] + stage
+        assert stream.settings.force_size == (224, 224)
+        ends = [end for end, _ in stream.phases]
+        assert ends == sorted(ends)
+        last = ends[-1] if ends else 0
+        assert stream.settings_at(last) == stream.settings  # after the phases: the common mix
+        if ends:
+            assert stream.settings_at(last - 1) != stream.settings
+
+
+def test_procs_must_split_the_rows_of_a_step(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    with pytest.raises(SystemExit):
+        recipe.main(["cpu", "--out", str(tmp_path / "run"), "--procs", "3"])
+    assert "8 rows per step must split evenly" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
