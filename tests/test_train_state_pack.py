@@ -98,6 +98,15 @@ def test_progress_records_samples_seen_and_where_a_fitted_line_meets_a_target(tm
     progress.add(3, report, metrics, evals)
     progress.add(3, report, metrics, evals)  # the same step again replaces its line
     assert [json.loads(line)["samples"] for line in evals.read_text().splitlines()] == [18]
+    words = tmp_path / "words.json"  # a side eval: its overall score and its items' mean ANLS
+    words.write_text('{"rows": [{"group": "reading (normal text)", "n": 30, "score": 0.1, "anls": 0.4},'
+                     ' {"group": "reading (small text)", "n": 10, "score": 0.0, "anls": 0.2},'
+                     ' {"group": "all", "n": 40, "score": 0.075}]}')
+    entry = progress.add(3, report, metrics, evals, probes={"words": words})
+    assert entry["probes"] == {"words": {"score": 0.075, "n": 40, "anls": 0.35}}
+    assert json.loads(evals.read_text())["probes"]["words"]["anls"] == 0.35
+    progress.plot(tmp_path / "progress.png", 0, evals)
+    assert (tmp_path / "progress.png").stat().st_size > 0
     # 10 points per tenfold through (1e3, 20 %) and (1e4, 30 %): 80 % at 1e9 samples
     assert progress.needed([(1000, 0.2), (10000, 0.3)], 0.8) == "1.0e+09 samples (10.0 points per tenfold)"
     assert progress.needed([(1000, 0.3), (10000, 0.2)], 0.8) == "no upward trend yet"

@@ -1,11 +1,13 @@
 """The v2 run's held-out scores against samples seen, and what reaching each target would take.
 
     python recipes/nano/progress.py add 5400 runs/nano-v2/eval-5400.json      # after `qwen2vl eval`
+    python recipes/nano/progress.py add 9000 runs/nano-v2/eval-9000.json --probe words=runs/nano-v2/words-9000.json
     python recipes/nano/progress.py plot docs/nano-v2-progress.png
 
 ``add`` appends one line to ``evals.jsonl`` beside this file: the step, the samples seen up to it
 (summed from the packed state's ``metrics.jsonl``, or ``--metrics``) and the score of each group of
-the eval's table. ``plot`` draws each target group's score against samples seen (log scale) with its
+the eval's table; ``--probe NAME=EVAL`` adds the overall score (and ANLS) of a side eval, such as the
+big-word signs of the reading curriculum (leading indicators that the held-out set does not carry). ``plot`` draws each target group's score against samples seen (log scale) with its
 target, fits ``score = a + b * log10(samples)`` to the points from ``--from-samples`` on, and prints
 where that line meets the target:
 
@@ -44,15 +46,28 @@ def samples_seen(metrics: Path, step: int) -> int:
     return sum(per_step[s] for s in range(1, step + 1))
 
 
-def add(step: int, eval_json: Path, metrics: Path, evals: Path = EVALS) -> dict:
+def add(step: int, eval_json: Path, metrics: Path, evals: Path = EVALS, probes: dict[str, Path] | None = None) -> dict:
     rows = json.loads(eval_json.read_text())["rows"]
     entry = {"step": step, "samples": samples_seen(metrics, step),
              "scores": {r["group"]: round(r["score"], 4) for r in rows},
              "n": {r["group"]: r["n"] for r in rows}}
+    if probes:
+        entry["probes"] = {name: probe_summary(path) for name, path in probes.items()}
     kept = [json.loads(line) for line in evals.read_text().splitlines()] if evals.is_file() else []
     kept = sorted([e for e in kept if e["step"] != step] + [entry], key=lambda e: e["step"])
     evals.write_text("".join(json.dumps(e) + "\n" for e in kept))
     return entry
+
+
+def probe_summary(eval_json: Path) -> dict:
+    """A side eval's overall score, its items and, where its rows have one, their items' mean ANLS."""
+    rows = json.loads(eval_json.read_text())["rows"]
+    overall = next(r for r in rows if r["group"] == "all")
+    summary = {"score": round(overall["score"], 4), "n": overall["n"]}
+    scored = [r for r in rows if "anls" in r]
+    if scored:
+        summary["anls"] = round(sum(r["anls"] * r["n"] for r in scored) / sum(r["n"] for r in scored), 4)
+    return summary
 
 
 def fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
@@ -83,7 +98,7 @@ def plot(out: Path, from_samples: int, evals: Path = EVALS) -> None:
     import matplotlib.pyplot as plt
 
     entries = [json.loads(line) for line in evals.read_text().splitlines()]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7), sharex=True)
     print(f"{'group':<24} {'last score':>10} {'target':>7}  samples to reach the target on the fitted line")
     for ax, (group, target) in zip(axes.flat, TARGETS.items()):
         points = [(e["samples"], e["scores"][group]) for e in entries if group in e["scores"]]
@@ -102,6 +117,16 @@ def plot(out: Path, from_samples: int, evals: Path = EVALS) -> None:
         ax.set_ylabel("score %")
         last = f"{points[-1][1] * 100:.1f}%" if points else "-"
         print(f"{group:<24} {last:>10} {target * 100:>6.0f}%  {needed(fitted, target)}")
+    names = sorted({name for e in entries for name in e.get("probes", {})})
+    for ax, key in zip(axes.flat[len(TARGETS):], ("score", "anls")):
+        for name in names:
+            points = [(e["samples"], e["probes"][name][key]) for e in entries if key in e.get("probes", {}).get(name, {})]
+            ax.plot([n for n, _ in points], [v * 100 for _, v in points], "o-", label=name)
+        ax.set_title(f"probes: {'exact match' if key == 'score' else 'ANLS'}")
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("samples seen")
+        if names:
+            ax.legend(fontsize=8)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("qwen2vl-nano v2: held-out score against samples seen")
     fig.tight_layout()
@@ -116,12 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("step", type=int)
     a.add_argument("eval_json", type=Path)
     a.add_argument("--metrics", type=Path, default=HERE / "state" / "metrics.jsonl")
+    a.add_argument("--probe", action="append", default=[], metavar="NAME=EVAL_JSON",
+                   help="a side eval to record beside the held-out one (repeatable)")
     g = sub.add_parser("plot", help="draw the scores and print what each target would take")
     g.add_argument("out", type=Path)
     g.add_argument("--from-samples", type=int, default=30_000, help="fit the points from this many samples on")
     args = p.parse_args(argv)
     if args.action == "add":
-        print(json.dumps(add(args.step, args.eval_json, args.metrics)))
+        probes = {}
+        for item in args.probe:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                p.error(f"--probe {item!r}: expected NAME=EVAL_JSON")
+            probes[name] = Path(path)
+        print(json.dumps(add(args.step, args.eval_json, args.metrics, probes=probes)))
     else:
         plot(args.out, args.from_samples)
     return 0
