@@ -551,3 +551,20 @@ def test_eval_generates_a_varied_held_out_set(tmp_path):
                                          "--tasks", "reading", "--style", "varied"])
     result = ev.run(args, lambda convs: ["x"] * len(convs))
     assert "varied style" in result["data"] and len(result["samples"]) == 3
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_letters_are_one_to_four_random_characters_filling_a_sign(style):
+    """``letters``, before ``words``: spelt character by character, capitals and digits or lower case."""
+    import string
+    seen = set()
+    for s in samples("letters", n=40, policy="per-task", style=style):
+        w, h = s.image.size
+        assert s.task == "reading" and s.meta["kind"] == "sign" and not s.meta["small_text"]
+        assert max(w, h) <= 224 and 1 <= len(s.answer) <= 4
+        assert set(s.answer) <= set(string.ascii_uppercase + string.digits) or set(s.answer) <= set(string.ascii_lowercase)
+        x1, y1, x2, y2 = s.meta["text_box"]
+        region = np.asarray(s.image.convert("L"))[y1:y2, x1:x2]
+        assert region.max() - region.min() > 60
+        seen.add(s.answer.islower())
+    assert seen == {True, False}

@@ -7,7 +7,8 @@ Task families: ``reading`` (documents, receipts, signs; some with text too small
 not in DEFAULT_MIX) and ``basics`` (one to four big shapes: their colour, kind or number; the start of a
 curriculum) and ``scenes`` (counting and grounding on two to seven big shapes: the step after it) and
 ``words`` (one big sign of one to three words: the start of a reading curriculum; its samples are
-``reading`` samples). :func:`write_dataset` writes ``data.jsonl`` + media. A ``style`` ("plain" or
+``reading`` samples) and ``letters`` (one big sign of one to four random characters: the step before
+``words``). :func:`write_dataset` writes ``data.jsonl`` + media. A ``style`` ("plain" or
 "varied", or a per-sample mix of the two, see :mod:`.style`) sets the look: fonts, colours,
 backgrounds, layouts.
 """

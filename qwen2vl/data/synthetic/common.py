@@ -68,7 +68,7 @@ SIZE_POLICIES = {
     "compact": SizePolicy(100, 512),  # cheaper in vision tokens, for CPU training budgets
     # compact, with shape scenes and charts at most 320 px: they hold no detail that needs more
     "per-task": SizePolicy(100, 512, (("counting", 320), ("grounding", 320), ("chart", 384), ("basics", 224),
-                                      ("scenes", 320), ("words", 320))),
+                                      ("scenes", 320), ("words", 320), ("letters", 224))),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import string
 
 from PIL import Image, ImageDraw
 
@@ -93,6 +94,15 @@ def words(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sampl
     """The start of a reading curriculum: a sign filling the image, its short text (one to three sign
     words, a word or a code) in the largest font that fits. A ``reading`` sample of kind ``sign``."""
     return _with_text_size(sign(rng, policy, False, style))
+
+
+def letters(rng: random.Random, policy: SizePolicy, style: Style = PLAIN) -> Sample:
+    """The reading curriculum's first step: a sign filling the image with one to four random characters
+    (capitals and digits, or lower-case letters), so the answer is spelt character by character and
+    no word can be guessed from its length. A ``reading`` sample of kind ``sign``."""
+    alphabet = string.ascii_uppercase + string.digits if rng.random() < 0.6 else string.ascii_lowercase
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+    return _with_text_size(sign(rng, policy, False, style, text))
 
 
 def _with_text_size(sample: Sample) -> Sample:
@@ -260,9 +270,10 @@ def _fit_words(text: str, max_w: float, style: Style = PLAIN) -> str:
     return " ".join(words)
 
 
-def sign(rng: random.Random, policy: SizePolicy, small: bool, style: Style = PLAIN) -> Sample:
-    """A sign filling the image, or (small text) a small sign somewhere in a large scene."""
-    text = _sign_text(rng)
+def sign(rng: random.Random, policy: SizePolicy, small: bool, style: Style = PLAIN, text: str | None = None) -> Sample:
+    """A sign filling the image, or (small text) a small sign somewhere in a large scene; its text drawn
+    from sign words, words and codes unless given."""
+    text = _sign_text(rng) if text is None else text
     bg, ink = rng.choice(SIGN_STYLES)
     text_width, angle = style.width, 0.0
     if not style.plain:

@@ -41,6 +41,7 @@ TASKS = {
     "basics": shapes.basics,
     "scenes": shapes.scenes,
     "words": reading.words,
+    "letters": reading.letters,
 }
 DEFAULT_MIX = {"reading": 0.3, "counting": 0.2, "grounding": 0.2, "chart": 0.15, "video": 0.15}
 
