@@ -8,9 +8,12 @@ by the ``letters`` generator in the plain style. For every stage of the tower (t
 each block, the merger: what the LLM sees) the features of an image are pooled over its patches (mean
 and max, concatenated), standardised, and a linear classifier is fitted on ``--train`` items and
 scored on ``--test`` others. A tower at random init is the baseline: its features are random
-projections of the pixels, which keep much of a glyph's shape. A trained tower that scores *below*
-it has learned to discard shape (e.g. grown a few colour directions that dwarf the rest), and a
-reading task cannot be learned from what is left until that changes.
+projections of the pixels, which keep much of a glyph's shape. A trained tower that scores below it
+has made its pooled features more selective, for better or worse: whether a glyph's identity is gone
+or only no longer linear after pooling, the probe cannot say; a tower that learns to read should
+climb back above the baseline. Measured on the v2 run (docs/resolution-ablation.md, segment 4): from
+55-67 % at random init to 12-40 % within 400 steps of a fresh run, with or without ``letters`` in
+the mix, and 14-18 % at step 7900.
 """
 
 from __future__ import annotations
