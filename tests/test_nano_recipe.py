@@ -14,10 +14,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "nano"
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("nano_train", RECIPE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("train")
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])

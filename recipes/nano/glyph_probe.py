@@ -29,7 +29,7 @@ from qwen2vl import Qwen2VL
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.data.synthetic import reading
 from qwen2vl.data.synthetic.common import size_policy
-from qwen2vl.processing.image import image_to_patches, smart_resize
+from qwen2vl.processing.image import image_to_patches
 
 ALPHABET = string.ascii_uppercase + string.digits + string.ascii_lowercase
 
@@ -56,8 +56,7 @@ def stage_features(model: Qwen2VL, images: list, max_pixels: int) -> dict[str, t
              for name, module in stages.items()]
     try:
         for image in images:
-            h, w = smart_resize(image.height, image.width, max_pixels=max_pixels)
-            patches, grid = image_to_patches(image, h, w, max_pixels=max_pixels)
+            patches, grid = image_to_patches(image, max_pixels=max_pixels)
             visual(patches, torch.tensor([grid]))
             for name in stages:
                 pooled[name].append(torch.cat([outputs[name].mean(0), outputs[name].amax(0)]).float())
